@@ -1,0 +1,85 @@
+"""Gin at the edges: parse config files and ``--gin.NAME=VALUE`` flags with clear errors.
+
+Library code takes explicit arguments; gin-configurable factories build plain objects (module
+instances, dataclasses) that outlive the gin scope, so several stages with different configs can
+live in one process (the cascade sampler parses each stage's saved config in turn).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from collections.abc import Sequence
+
+import gin
+
+PACKAGE = "imagen_jax"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN_CONFIG_DIR = os.path.join(REPO_ROOT, "gin_configs")
+
+
+class GinConfigError(ValueError):
+    """A gin file or binding that cannot be applied; the message names the fix."""
+
+
+def register_all() -> None:
+    """Imports every module of the package so all gin configurables are registered."""
+    pkg = importlib.import_module(PACKAGE)
+    for info in pkgutil.walk_packages(pkg.__path__, prefix=PACKAGE + "."):
+        importlib.import_module(info.name)
+
+
+def rewrite_flag_bindings(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Splits ``--gin.NAME=VALUE`` arguments (t5x style) out of ``argv``.
+
+    Returns (remaining argv, gin binding strings ``NAME = VALUE``).
+    """
+    rest, bindings = [], []
+    for arg in argv:
+        if arg.startswith("--gin."):
+            key, sep, value = arg[len("--gin.") :].partition("=")
+            if not sep:
+                raise GinConfigError(f"gin flag {arg!r} has no value; write --gin.{key}=VALUE")
+            bindings.append(f"{key} = {value}")
+        else:
+            rest.append(arg)
+    return rest, bindings
+
+
+def parse(
+    gin_files: Sequence[str] = (),
+    bindings: Sequence[str] = (),
+    search_paths: Sequence[str] = (),
+    finalize: bool = True,
+) -> None:
+    """Registers all configurables, then parses ``gin_files`` and ``bindings``.
+
+    Relative gin file paths and ``include`` lines are looked up in ``search_paths``, the current
+    directory, the repo root and ``gin_configs/``.
+    """
+    register_all()
+    for path in [*search_paths, os.getcwd(), REPO_ROOT, GIN_CONFIG_DIR]:
+        if path not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - gin has no getter
+            gin.add_config_file_search_path(path)
+    for f in gin_files:
+        if not any(
+            os.path.exists(os.path.join(p, f)) for p in ["", *gin.config._LOCATION_PREFIXES]  # noqa: SLF001
+        ):
+            raise GinConfigError(
+                f"gin file {f!r} not found (searched the current directory, {REPO_ROOT} and "
+                f"{GIN_CONFIG_DIR}); pass an existing path or add --gin_search_paths"
+            )
+    try:
+        gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+    except (ValueError, KeyError, SyntaxError, NameError) as e:
+        raise GinConfigError(
+            f"bad gin configuration: {e}\nCheck the binding's spelling against the "
+            "configurables (`python -m launch.summary --help` lists the gin files)."
+        ) from e
+    if finalize:
+        gin.finalize()
+
+
+def operative_config() -> str:
+    return gin.operative_config_str()

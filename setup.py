@@ -1,0 +1,56 @@
+"""imagen-jax: Imagen (Saharia et al. 2022) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "gin-config>=0.5",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "pillow>=10.0",
+    "sentencepiece>=0.2",
+    "safetensors>=0.4",
+    "tensorstore>=0.1.60",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
+DATA = [
+    "tensorflow-datasets>=4.9.7",
+    "grain>=0.2.10",
+    "array-record>=0.7",
+]
+# Reference implementations the tests and benchmarks compare against. torch/torchvision are the
+# builds that lie on this machine's disk (see /work/.library/env); imagen-pytorch, pytorch-fid
+# need torchvision.
+REFERENCES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "transformers>=4.50",
+    "diffusers>=0.30",
+    "imagen-pytorch==2.1.0",
+    "pytorch-fid>=0.3.0",
+    "seqio>=0.0.19",
+]
+TEST = REFERENCES + [
+    "pytest>=8.0",
+    "pytest-xdist>=3.5",
+    "ruff>=0.6",
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+]
+
+setup(
+    name="imagen-jax",
+    version="0.1.0",
+    description="Imagen cascaded text-to-image diffusion in JAX/Flax",
+    python_requires=">=3.10",
+    packages=find_packages(include=["imagen_jax", "imagen_jax.*", "launch"]),
+    package_data={"imagen_jax": ["assets/*", "assets/**/*"], "": ["*.gin"]},
+    include_package_data=True,
+    install_requires=CORE,
+    extras_require={"data": DATA, "test": TEST + DATA, "bench": REFERENCES + DATA},
+)
