@@ -1,1 +1,85 @@
-"""imagen_jax.diffusion."""
+"""imagen_jax.diffusion: continuous-time Gaussian diffusion in log-SNR (knows nothing of U-Nets).
+
+Schedules, the eps / v / x0 parameterisations, losses, classifier-free guidance, thresholding,
+noise conditioning augmentation and compiled samplers (Imagen, Saharia et al. 2022, Sec. 2 and
+App. A). See docs/DESIGN.md for the contracts.
+"""
+
+from imagen_jax.diffusion.analytic import GaussianMixture1D
+from imagen_jax.diffusion.guidance import (
+    DEFAULT_COND_DROP_PROB,
+    drop_text_condition,
+    guided_model_fn,
+    with_null_condition,
+)
+from imagen_jax.diffusion.losses import WEIGHTINGS, loss_per_example, min_snr_weight
+from imagen_jax.diffusion.noise_aug import noise_augment, random_aug_level
+from imagen_jax.diffusion.predictions import (
+    PREDICTIONS,
+    convert_prediction,
+    diffuse,
+    prediction_target,
+    to_x0_eps,
+)
+from imagen_jax.diffusion.samplers import (
+    DEFAULT_NUM_STEPS,
+    SAMPLERS,
+    SamplerConfig,
+    ddim_step,
+    ddpm_step,
+    dpmpp_2m_step,
+    sample,
+)
+from imagen_jax.diffusion.schedules import (
+    SCHEDULES,
+    CosineSchedule,
+    LinearBetaSchedule,
+    Schedule,
+    ShiftedCosineSchedule,
+    alpha_sigma_from_logsnr,
+    get_schedule,
+)
+from imagen_jax.diffusion.thresholding import (
+    DEFAULT_PERCENTILE,
+    THRESHOLDINGS,
+    apply_thresholding,
+    dynamic_threshold,
+    static_threshold,
+)
+
+__all__ = [
+    "DEFAULT_COND_DROP_PROB",
+    "DEFAULT_NUM_STEPS",
+    "DEFAULT_PERCENTILE",
+    "PREDICTIONS",
+    "SAMPLERS",
+    "SCHEDULES",
+    "THRESHOLDINGS",
+    "WEIGHTINGS",
+    "CosineSchedule",
+    "GaussianMixture1D",
+    "LinearBetaSchedule",
+    "SamplerConfig",
+    "Schedule",
+    "ShiftedCosineSchedule",
+    "alpha_sigma_from_logsnr",
+    "apply_thresholding",
+    "convert_prediction",
+    "ddim_step",
+    "ddpm_step",
+    "diffuse",
+    "dpmpp_2m_step",
+    "drop_text_condition",
+    "dynamic_threshold",
+    "get_schedule",
+    "guided_model_fn",
+    "loss_per_example",
+    "min_snr_weight",
+    "noise_augment",
+    "prediction_target",
+    "random_aug_level",
+    "sample",
+    "static_threshold",
+    "to_x0_eps",
+    "with_null_condition",
+]

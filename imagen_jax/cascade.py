@@ -1,0 +1,812 @@
+"""The compiled cascade sampler: text -> base image -> super-resolved images in ONE jitted program.
+
+Imagen (Saharia et al. 2022, Section 2 and Appendix F) chains a 64x64 text-conditional base model
+with two text-conditional super-resolution models (64->256, 256->1024). Here the whole chain --
+optional T5 encoding, the base stage's sampling loop, then for every SR stage the noise
+augmentation of the previous stage's output at the stage's ``aug_level`` and its own sampling loop
+-- is traced into a single XLA program: no host round-trips between stages, one loop per stage
+(``imagen_jax.diffusion.sample``), the step count only a loop bound (programs for 10 and 50 steps
+have the same size).
+
+Any contiguous slice of the cascade runs the same way: ``start=0, stop=1`` is the base stage only;
+``start=1`` upsamples a user's own low-resolution images.
+
+The batch is split over the mesh's data axes (``partitioning.BATCH_AXES``); parameters use the
+same logical-axis rules the trainer shards them with, so a cascade restored onto any mesh samples
+without gathering weights on one device.
+
+Reproducibility: the same prompts, seed, cascade and settings give bitwise the same images on the
+same backend (all randomness comes from ``jax.random.fold_in(PRNGKey(seed), stage_index)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from imagen_jax import partitioning
+
+PyTree = Any
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+THRESHOLDINGS = ("none", "static", "dynamic")
+PREDICTIONS = ("eps", "v", "x0")
+
+log = logging.getLogger(__name__)
+
+
+class CascadeError(ValueError):
+    """A cascade that cannot be assembled or run; the message names the problem and the fix."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How one stage samples.
+
+    Defaults: ancestral (DDPM) sampling as in the paper (Section 2.1); dynamic thresholding at
+    p = 99.5 (Section 2.3, Fig. A.10); guidance weight 1 (= no guidance, paper convention; the
+    paper's COCO numbers use 1.35 for the base and 8.0 for SR, Appendix E/F); ``aug_level`` 0 for SR
+    stages (Section 2.5: 0 gives the best FID, 0.1-0.3 the best-looking samples).
+    """
+
+    sampler: str = "ddpm"
+    num_steps: int = 256
+    guidance_weight: float = 1.0
+    thresholding: str = "dynamic"
+    percentile: float = 99.5
+    aug_level: float = 0.0
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise CascadeError(f"sampler {self.sampler!r} unknown; choose one of {SAMPLERS}")
+        if self.thresholding not in THRESHOLDINGS:
+            raise CascadeError(
+                f"thresholding {self.thresholding!r} unknown; choose one of {THRESHOLDINGS}"
+            )
+        if int(self.num_steps) < 1:
+            raise CascadeError(f"num_steps must be >= 1, got {self.num_steps}")
+        if not 0.0 <= float(self.aug_level) <= 1.0:
+            raise CascadeError(f"aug_level must lie in [0, 1], got {self.aug_level}")
+        if float(self.guidance_weight) < 0.0:
+            raise CascadeError(
+                f"guidance_weight must be >= 0 (1 = no guidance), got {self.guidance_weight}"
+            )
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise CascadeError(f"percentile must lie in (0, 100], got {self.percentile}")
+
+
+@gin.configurable
+def sampling_overrides(
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    guidance_weight: float | None = None,
+    thresholding: str | None = None,
+    percentile: float | None = None,
+    aug_level: float | None = None,
+) -> dict[str, Any]:
+    """User overrides of the stages' saved sampler settings (unset fields keep the saved value).
+
+    Bind unscoped (``sampling_overrides.num_steps = 25``) for every stage, or in the scope
+    ``stage0``, ``stage1`` ... for one stage (``stage1/sampling_overrides.aug_level = 0.2``); the
+    scoped binding wins.
+    """
+    values = dict(
+        sampler=sampler,
+        num_steps=num_steps,
+        guidance_weight=guidance_weight,
+        thresholding=thresholding,
+        percentile=percentile,
+        aug_level=aug_level,
+    )
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def gin_sampling_overrides(num_stages: int) -> list[dict[str, Any]]:
+    """Reads ``sampling_overrides`` once per stage, under the gin scope ``stage{i}``."""
+    out = []
+    for i in range(num_stages):
+        with gin.config_scope(f"stage{i}"):
+            out.append(sampling_overrides())
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeStage:
+    """Everything the sampler needs to know about one stage (architecture + diffusion settings).
+
+    ``model`` follows the U-Net contract of DESIGN.md:
+    ``model.apply(variables, x, t, text_embeds, text_mask, lowres=None, aug_level=None)``.
+    ``lowres_resolution`` is None for the base stage.
+    """
+
+    model: nn.Module
+    resolution: int
+    schedule: Any
+    prediction: str = "eps"
+    lowres_resolution: int | None = None
+    sampling: SamplingConfig = SamplingConfig()
+    text_fingerprint: str | None = None
+    text_embed_dim: int | None = None
+    text_length: int | None = None
+    aug_schedule: Any = None  # schedule of the noise augmentation; None = ``schedule``
+    name: str = ""
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise CascadeError(
+                f"stage {self.name!r}: prediction {self.prediction!r} unknown; choose one of "
+                f"{PREDICTIONS}"
+            )
+
+    @property
+    def is_sr(self) -> bool:
+        return self.lowres_resolution is not None
+
+    @classmethod
+    def from_train_stage(cls, stage: Any, name: str = "") -> CascadeStage:
+        """The sampling view of a trainer ``imagen_jax.train.Stage`` (its sampler defaults)."""
+        sampling = SamplingConfig(
+            sampler=stage.sampler,
+            num_steps=stage.num_sample_steps,
+            guidance_weight=stage.guidance_weight,
+            thresholding=stage.thresholding,
+            percentile=stage.percentile,
+            aug_level=stage.sample_aug_level,
+        )
+        return cls(
+            model=stage.model,
+            resolution=stage.resolution,
+            schedule=stage.get_schedule(),
+            prediction=stage.prediction,
+            lowres_resolution=stage.lowres_resolution,
+            sampling=sampling,
+            text_fingerprint=stage.text_fingerprint,
+            text_embed_dim=stage.text_embed_dim,
+            text_length=stage.text_length,
+            aug_schedule=stage.get_aug_schedule() if stage.is_super_res else None,
+            name=name,
+        )
+
+    def replace(self, **changes: Any) -> CascadeStage:
+        return dataclasses.replace(self, **changes)
+
+    def with_sampling(self, **overrides: Any) -> CascadeStage:
+        """A copy with some sampler settings changed (validated)."""
+        return dataclasses.replace(self, sampling=dataclasses.replace(self.sampling, **overrides))
+
+
+def check_chain(stages: Sequence[CascadeStage], text_fingerprint: str | None = None) -> None:
+    """Raises ``CascadeError`` unless ``stages`` form a valid cascade (or a slice of one).
+
+    Checks: only the first stage may be a base stage; every SR stage's low resolution equals the
+    previous stage's resolution; all stages were trained with the same text encoder (and with
+    ``text_fingerprint`` when given).
+    """
+    if not stages:
+        raise CascadeError("the cascade has no stages; pass at least one stage")
+    for i, stage in enumerate(stages):
+        label = stage.name or f"stage {i}"
+        if i > 0 and not stage.is_sr:
+            raise CascadeError(
+                f"{label} is a base (text-to-image) stage but sits at position {i} of the cascade; "
+                "only the first stage may be a base stage (order the stages base, SR, SR)"
+            )
+        if stage.is_sr and stage.resolution <= stage.lowres_resolution:
+            raise CascadeError(
+                f"{label}: resolution {stage.resolution} is not above its low resolution "
+                f"{stage.lowres_resolution}"
+            )
+        if i > 0 and stage.lowres_resolution != stages[i - 1].resolution:
+            prev = stages[i - 1].name or f"stage {i - 1}"
+            raise CascadeError(
+                f"{label} expects {stage.lowres_resolution}px inputs but {prev} makes "
+                f"{stages[i - 1].resolution}px images; pass stages whose resolutions chain"
+            )
+    dims = {s.text_embed_dim for s in stages if s.text_embed_dim is not None}
+    if len(dims) > 1:
+        raise CascadeError(
+            "stages expect text embeddings of different sizes "
+            f"({[s.text_embed_dim for s in stages]}); all stages must share one text encoder"
+        )
+    prints = {s.text_fingerprint for s in stages if s.text_fingerprint is not None}
+    if text_fingerprint is not None:
+        prints.add(text_fingerprint)
+    if len(prints) > 1:
+        detail = ", ".join(f"{s.name or i}={s.text_fingerprint}" for i, s in enumerate(stages))
+        extra = f", encoder={text_fingerprint}" if text_fingerprint is not None else ""
+        raise CascadeError(
+            f"stages were trained with different text encoders ({detail}{extra}); every stage "
+            "must use the T5 checkpoint and max_length it was trained with"
+        )
+
+
+# -------------------------------------------------------------------------------------------
+# Pure sampling functions (traceable; the jitted program is built from these).
+# -------------------------------------------------------------------------------------------
+
+
+def _model_fn(
+    stage: CascadeStage,
+    params: PyTree,
+    text_embeds: jax.Array,
+    text_mask: jax.Array,
+    lowres: jax.Array | None,
+    aug_level: jax.Array | None,
+    on_step: Callable[[jax.Array], None] | None,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``model_fn(x_t, t) -> prediction`` for the diffusion sampler, with classifier-free guidance.
+
+    Guidance (Section 2.2; paper convention, weight 1 = none) runs the conditional and the
+    unconditional halves in ONE model call on the doubled batch; the unconditional condition is
+    zero embeddings with an all-False mask (DESIGN.md).
+    """
+    from imagen_jax.diffusion import guided_model_fn
+
+    variables = {"params": params}
+    w = float(stage.sampling.guidance_weight)
+
+    def apply(x, t, embeds, mask, low, aug):
+        if on_step is not None:
+            on_step(t)
+        return stage.model.apply(variables, x, t, embeds, mask, lowres=low, aug_level=aug)
+
+    if w == 1.0:  # no guidance: skip the unconditional half entirely (half the FLOPs)
+        return lambda x, t: apply(x, t, text_embeds, text_mask, lowres, aug_level)
+
+    embeds_2b = jnp.concatenate([text_embeds, jnp.zeros_like(text_embeds)], axis=0)
+    mask_2b = jnp.concatenate([text_mask, jnp.zeros_like(text_mask)], axis=0)
+    low_2b = None if lowres is None else jnp.concatenate([lowres, lowres], axis=0)
+    aug_2b = None if aug_level is None else jnp.concatenate([aug_level, aug_level], axis=0)
+
+    def model_fn_2b(x2, t2):
+        return apply(x2, t2, embeds_2b, mask_2b, low_2b, aug_2b)
+
+    return guided_model_fn(model_fn_2b, w)
+
+
+def sample_stage(
+    stage: CascadeStage,
+    params: PyTree,
+    text_embeds: jax.Array,
+    text_mask: jax.Array,
+    rng: jax.Array,
+    lowres: jax.Array | None = None,
+    on_step: Callable[[jax.Array], None] | None = None,
+) -> jax.Array:
+    """Samples one stage: float32 [B, R, R, 3] in [-1, 1].
+
+    For an SR stage ``lowres`` float32 [B, r, r, 3] is the clean previous-stage output; it is
+    noise-augmented here at ``stage.sampling.aug_level`` (Section 2.5) and the level is passed to
+    the model, which resizes the low-res input itself (DESIGN.md).
+    """
+    from imagen_jax.diffusion import noise_augment, sample
+
+    cfg = stage.sampling
+    batch = text_embeds.shape[0]
+    aug_level = None
+    if stage.is_sr:
+        if lowres is None:
+            raise CascadeError(f"SR stage {stage.name!r} needs low-resolution input images")
+        rng, aug_rng = jax.random.split(rng)
+        aug_level = jnp.full((batch,), cfg.aug_level, jnp.float32)
+        aug_schedule = stage.schedule if stage.aug_schedule is None else stage.aug_schedule
+        lowres = noise_augment(lowres, aug_level, aug_rng, aug_schedule)
+    model_fn = _model_fn(stage, params, text_embeds, text_mask, lowres, aug_level, on_step)
+    shape = (batch, stage.resolution, stage.resolution, 3)
+    images = sample(
+        model_fn,
+        shape,
+        rng,
+        schedule=stage.schedule,
+        sampler=cfg.sampler,
+        num_steps=int(cfg.num_steps),
+        prediction=stage.prediction,
+        thresholding=cfg.thresholding,
+        percentile=float(cfg.percentile),
+    )
+    # The sampler's last x0 may overshoot slightly without thresholding; SR stages and PNGs
+    # expect [-1, 1].
+    return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+
+def sample_cascade(
+    stages: Sequence[CascadeStage],
+    params: Sequence[PyTree],
+    text_embeds: jax.Array,
+    text_mask: jax.Array,
+    rng: jax.Array,
+    lowres: jax.Array | None = None,
+    *,
+    first_stage_index: int = 0,
+    on_step: Callable[[int, jax.Array], None] | None = None,
+) -> tuple[jax.Array, ...]:
+    """Runs ``stages`` in order; returns every stage's images (float32 [B, R_i, R_i, 3]).
+
+    Pure and traceable. ``lowres`` is required when ``stages[0]`` is an SR stage.
+    ``first_stage_index`` is the position of ``stages[0]`` in the full cascade: stage i draws
+    its randomness from ``fold_in(rng, i)`` whichever slice runs it.
+    """
+    outputs = []
+    images = lowres
+    for i, (stage, stage_params) in enumerate(zip(stages, params)):
+        index = first_stage_index + i
+        step_cb = None if on_step is None else (lambda t, index=index: on_step(index, t))
+        images = sample_stage(
+            stage,
+            stage_params,
+            text_embeds,
+            text_mask,
+            jax.random.fold_in(rng, index),
+            lowres=images if stage.is_sr else None,
+            on_step=step_cb,
+        )
+        outputs.append(images)
+    return tuple(outputs)
+
+
+def to_uint8(images: np.ndarray | jax.Array) -> np.ndarray:
+    """float [-1, 1] -> uint8 [0, 255] (round to nearest)."""
+    x = np.asarray(images, np.float32)
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] (or float already in [-1, 1]) -> float32 [-1, 1]."""
+    x = np.asarray(images)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 127.5 - 1.0
+    x = x.astype(np.float32)
+    if x.size and (x.min() < -1.001 or x.max() > 1.001):
+        raise CascadeError(
+            "float low-resolution images must lie in [-1, 1]; pass uint8 [0, 255] or rescale"
+        )
+    return x
+
+
+# -------------------------------------------------------------------------------------------
+# The Cascade object: stages + (sharded) parameters + text encoder + compiled programs.
+# -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CascadeOutput:
+    """Images of every stage that ran (uint8 [N, R, R, 3]), plus the texts and timings."""
+
+    images: list[np.ndarray]
+    prompts: list[str]
+    seed: int
+    timings: dict[str, float]
+
+    @property
+    def final(self) -> np.ndarray:
+        return self.images[-1]
+
+
+class _Progress:
+    """Per-stage tqdm bars fed by a one-way host callback per sampling step.
+
+    On a sharded batch the callback fires once per device shard per step; steps are counted by
+    distinct ``t`` values so each bar advances once per step. Also records per-stage wall times.
+    """
+
+    def __init__(self, stages: Sequence[CascadeStage], first_index: int, enabled: bool):
+        self.enabled = enabled
+        self.first_index = first_index
+        self.stages = stages
+        self.bars: dict[int, Any] = {}
+        self.seen: dict[int, set[float]] = {}
+        self.t_first: dict[int, float] = {}
+        self.t_last: dict[int, float] = {}
+
+    def __call__(self, index: int, t: np.ndarray) -> None:
+        now = time.perf_counter()
+        self.t_first.setdefault(index, now)
+        self.t_last[index] = now
+        key = float(np.asarray(t).reshape(-1)[0])
+        seen = self.seen.setdefault(index, set())
+        if key in seen:
+            return
+        seen.add(key)
+        if self.enabled:
+            if index not in self.bars:
+                from tqdm.auto import tqdm
+
+                stage = self.stages[index - self.first_index]
+                self.bars[index] = tqdm(
+                    total=int(stage.sampling.num_steps),
+                    desc=f"stage {index} {stage.name} {stage.resolution}px",
+                    leave=True,
+                )
+            self.bars[index].update(1)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Wall time from a stage's first to the next stage's first step (approximate)."""
+        order = sorted(self.t_first)
+        out = {}
+        for j, index in enumerate(order):
+            end = self.t_first[order[j + 1]] if j + 1 < len(order) else self.t_last[index]
+            out[f"stage{index}_s"] = end - self.t_first[index]
+        return out
+
+
+class Cascade:
+    """Stages with their parameters on a mesh, an optional text encoder, and compiled programs.
+
+    Build with ``Cascade(stages, params, text_encoder=...)`` (random or in-memory parameters) or
+    ``Cascade.from_checkpoints(stage_dirs, t5=...)``. ``sample(prompts, seed)`` returns uint8
+    images of every stage that ran.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[CascadeStage],
+        params: Sequence[PyTree],
+        *,
+        text_encoder: Any = None,
+        mesh: Mesh | None = None,
+        rules: partitioning.LogicalRules | None = None,
+        embed_dim: int | None = None,
+    ):
+        stages = list(stages)
+        if len(params) != len(stages):
+            raise CascadeError(f"got {len(stages)} stages but {len(params)} parameter trees")
+        check_chain(stages, getattr(text_encoder, "fingerprint", None))
+        self.stages = stages
+        self.mesh = mesh if mesh is not None else partitioning.make_mesh()
+        self.rules = tuple(rules if rules is not None else partitioning.logical_axis_rules())
+        self.text_encoder = text_encoder
+        self.embed_dim = (
+            embed_dim
+            or getattr(text_encoder, "embed_dim", None)
+            or next((s.text_embed_dim for s in stages if s.text_embed_dim), None)
+        )
+        if text_encoder is not None and stages[0].text_embed_dim not in (None, self.embed_dim):
+            raise CascadeError(
+                f"the text encoder makes {self.embed_dim}-dim embeddings but the stages were "
+                f"trained on {stages[0].text_embed_dim}-dim ones; load their T5"
+            )
+        self.params = [self._shard_params(s, p) for s, p in zip(stages, params)]
+        self._text_parts = _text_encoder_parts(text_encoder) if text_encoder is not None else None
+        self._programs: dict[Any, Any] = {}
+
+    # -- parameters --------------------------------------------------------------------------
+
+    def _param_shardings(self, stage: CascadeStage, params: PyTree) -> PyTree:
+        """The trainer's shardings for ``stage``'s parameters on this cascade's mesh."""
+        return param_shardings(stage, self.mesh, self.rules, params, self.embed_dim)
+
+    def _shard_params(self, stage: CascadeStage, params: PyTree) -> PyTree:
+        if isinstance(params, dict) and "params" in params and len(params) == 1:
+            params = params["params"]
+        params = nn.meta.unbox(params)
+        return jax.device_put(params, self._param_shardings(stage, params))
+
+    # -- the compiled program ----------------------------------------------------------------
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batch sizes are padded to a multiple of the number of batch shards."""
+        return int(
+            np.prod([self.mesh.shape[a] for a in partitioning.BATCH_AXES if a in self.mesh.shape])
+        )
+
+    def _slice(self, start: int, stop: int | None) -> tuple[int, int]:
+        n = len(self.stages)
+        stop = n if stop is None else stop
+        if not (0 <= start < stop <= n):
+            raise CascadeError(
+                f"cascade slice [{start}:{stop}] is empty or out of range for {n} stages"
+            )
+        return start, stop
+
+    def program(
+        self, start: int = 0, stop: int | None = None, *, encode: bool, progress: bool = False
+    ) -> Callable[..., tuple[jax.Array, ...]]:
+        """The jitted cascade for ``stages[start:stop]``.
+
+        Signature: ``fn(params, text_params, text, text_mask, rng, lowres)`` where ``text`` is
+        int32 token ids [B, L] when ``encode`` (T5 runs inside the program) else float
+        embeddings [B, L, D]; ``text_params`` is None without encoding; ``lowres`` is None unless
+        ``stages[start]`` is an SR stage. Returns each stage's float images.
+        """
+        start, stop = self._slice(start, stop)
+        key = (start, stop, encode, progress)
+        if key in self._programs:
+            return self._programs[key]
+        stages = self.stages[start:stop]
+        if encode and self._text_parts is None:
+            raise CascadeError("this cascade has no text encoder; pass text embeddings instead")
+        encode_fn = self._text_parts[0] if encode else None
+        batch_spec = partitioning.batch_sharding
+        mesh = self.mesh
+        tracker = _Progress(stages, start, enabled=True) if progress else None
+        self._progress = tracker
+
+        def on_step(index, t):
+            jax.debug.callback(lambda tt: tracker(index, tt), t)
+
+        def cascade_fn(params, text_params, text, text_mask, rng, lowres):
+            if encode:
+                embeds = encode_fn(text_params, text, text_mask)
+            else:
+                embeds = text
+            embeds = jax.lax.with_sharding_constraint(
+                embeds.astype(jnp.float32), batch_spec(mesh, 3)
+            )
+            if lowres is not None:
+                lowres = jax.lax.with_sharding_constraint(lowres, batch_spec(mesh, 4))
+            outs = sample_cascade(
+                stages,
+                params,
+                embeds,
+                text_mask,
+                rng,
+                lowres,
+                first_stage_index=start,
+                on_step=on_step if progress else None,
+            )
+            return tuple(jax.lax.with_sharding_constraint(o, batch_spec(mesh, 4)) for o in outs)
+
+        out_shardings = tuple(batch_spec(mesh, 4) for _ in stages)
+        fn = jax.jit(cascade_fn, out_shardings=out_shardings)
+        self._programs[key] = fn
+        return fn
+
+    def _call(self, fn: Callable, *args: Any) -> Any:
+        with self.mesh, nn.logical_axis_rules(self.rules):
+            return fn(*args)
+
+    def lower(
+        self,
+        batch_size: int,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        encode: bool = False,
+        progress: bool = False,
+        text_length: int | None = None,
+    ) -> jax.stages.Lowered:
+        """Lowers the program for ``batch_size`` examples (for HLO inspection and AOT compiles)."""
+        start, stop = self._slice(start, stop)
+        fn = self.program(start, stop, encode=encode, progress=progress)
+        length = text_length or getattr(self.text_encoder, "max_length", None) or 16
+        b = batch_size
+        if encode:
+            text = jax.ShapeDtypeStruct((b, length), jnp.int32)
+            text_params = self._text_parts[1]
+        else:
+            if self.embed_dim is None:
+                raise CascadeError("embed_dim unknown: pass embed_dim= or a text encoder")
+            text = jax.ShapeDtypeStruct((b, length, self.embed_dim), jnp.float32)
+            text_params = None
+        mask = jax.ShapeDtypeStruct((b, length), jnp.bool_)
+        lowres = None
+        if self.stages[start].is_sr:
+            r = self.stages[start].lowres_resolution
+            lowres = jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32)
+        rng = jax.random.PRNGKey(0)
+        with self.mesh, nn.logical_axis_rules(self.rules):
+            return fn.lower(
+                self.params[start:stop], text_params, text, mask, rng, lowres
+            )
+
+    # -- user entry points -------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and mask for ``prompts`` (long prompts are truncated with a warning)."""
+        if self.text_encoder is None:
+            raise CascadeError("this cascade has no text encoder; pass text embeddings instead")
+        # The tokenizer cuts prompts at max_length (keeping EOS) and warns about each one.
+        ids, mask = self.text_encoder.tokenize(list(prompts))
+        return np.asarray(ids, np.int32), np.asarray(mask, bool)
+
+    def sample(
+        self,
+        prompts: Sequence[str] | None = None,
+        seed: int = 0,
+        *,
+        num_per_prompt: int = 1,
+        text_embeds: np.ndarray | None = None,
+        text_mask: np.ndarray | None = None,
+        lowres: np.ndarray | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        progress: bool = False,
+    ) -> CascadeOutput:
+        """Samples ``num_per_prompt`` images per prompt through ``stages[start:stop]``.
+
+        Give ``prompts`` (T5 runs inside the compiled program) or ``text_embeds`` [N, L, D] +
+        ``text_mask`` [N, L]. For a slice starting at an SR stage also give ``lowres``
+        (uint8 or [-1, 1] float [N, r, r, 3], one per prompt). Output images are ordered
+        prompt-major: prompt 0's samples first.
+        """
+        start, stop = self._slice(start, stop)
+        if num_per_prompt < 1:
+            raise CascadeError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
+        if (prompts is None) == (text_embeds is None):
+            raise CascadeError("pass exactly one of prompts= and text_embeds=")
+        encode = prompts is not None
+        if encode:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            prompts = list(prompts)
+            if not prompts:
+                raise CascadeError("no prompts given; pass at least one prompt")
+            text, mask = self.tokenize(prompts)
+            text_params = self._text_parts[1]
+            n = len(prompts)
+        else:
+            text = np.asarray(text_embeds, np.float32)
+            if text.ndim != 3:
+                raise CascadeError(f"text_embeds must be [N, L, D], got shape {text.shape}")
+            mask = (
+                np.ones(text.shape[:2], bool) if text_mask is None else np.asarray(text_mask, bool)
+            )
+            if mask.shape != text.shape[:2]:
+                raise CascadeError(
+                    f"text_mask shape {mask.shape} does not match text_embeds {text.shape[:2]}"
+                )
+            if self.embed_dim is not None and text.shape[-1] != self.embed_dim:
+                raise CascadeError(
+                    f"text_embeds have dimension {text.shape[-1]} but the stages expect "
+                    f"{self.embed_dim}"
+                )
+            text_params = None
+            n = text.shape[0]
+            prompts = [f"<embedding {i}>" for i in range(n)]
+        low = None
+        first = self.stages[start]
+        if first.is_sr:
+            if lowres is None:
+                raise CascadeError(
+                    f"the slice starts at SR stage {start} ({first.name}): pass lowres images of "
+                    f"{first.lowres_resolution}px"
+                )
+            low = from_uint8(lowres)
+            want = (n, first.lowres_resolution, first.lowres_resolution, 3)
+            if low.shape != want:
+                raise CascadeError(
+                    f"lowres images have shape {low.shape}; stage {start} ({first.name}) expects "
+                    f"{want} (one {first.lowres_resolution}px RGB image per prompt)"
+                )
+            low = np.repeat(low, num_per_prompt, axis=0)
+        elif lowres is not None:
+            raise CascadeError("lowres images are only used when the slice starts at an SR stage")
+
+        # Prompt-major repetition, then pad to a multiple of the batch shards (pads are dropped).
+        text = np.repeat(text, num_per_prompt, axis=0)
+        mask = np.repeat(mask, num_per_prompt, axis=0)
+        total = n * num_per_prompt
+        padded = -(-total // self.batch_multiple) * self.batch_multiple
+        text, mask = _pad(text, padded), _pad(mask, padded)
+        low = None if low is None else _pad(low, padded)
+        sharding = partitioning.batch_sharding
+        text = jax.device_put(text, sharding(self.mesh, text.ndim))
+        mask = jax.device_put(mask, sharding(self.mesh, 2))
+        if low is not None:
+            low = jax.device_put(low, sharding(self.mesh, 4))
+        rng = jax.random.PRNGKey(seed)
+
+        fn = self.program(start, stop, encode=encode, progress=progress)
+        t0 = time.perf_counter()
+        outs = self._call(fn, self.params[start:stop], text_params, text, mask, rng, low)
+        outs = jax.block_until_ready(outs)
+        seconds = time.perf_counter() - t0
+        timings = {"total_s": seconds}
+        tracker = self._progress if progress else None
+        if tracker is not None:
+            tracker.close()
+            timings.update(tracker.stage_seconds())
+        images = [to_uint8(np.asarray(o)[:total]) for o in outs]
+        return CascadeOutput(
+            images=images,
+            prompts=[p for p in prompts for _ in range(num_per_prompt)],
+            seed=seed,
+            timings=timings,
+        )
+
+    def sample_fn(self, **kwargs: Any) -> Callable[[list[str], int], np.ndarray]:
+        """``sample_fn(prompts, seed) -> uint8 [N, H, W, 3]`` (final stage) for the eval tools."""
+
+        def fn(prompts: list[str], seed: int) -> np.ndarray:
+            return self.sample(prompts, seed, **kwargs).final
+
+        return fn
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+    """Pads the leading axis to ``size`` by repeating the last row (never seen by users)."""
+    if x.shape[0] == size:
+        return x
+    reps = np.repeat(x[-1:], size - x.shape[0], axis=0)
+    return np.concatenate([x, reps], axis=0)
+
+
+def _text_encoder_parts(encoder: Any) -> tuple[Callable[..., jax.Array], PyTree]:
+    """(pure ``encode(params, ids, mask) -> [B, L, D]``, params) of a ``TextEncoder``.
+
+    The parameters are passed into the compiled cascade as arguments (not closed-over
+    constants) so a large T5 is not baked into the program.
+    """
+    if hasattr(encoder, "encode_fn") and hasattr(encoder, "params"):
+        return encoder.encode_fn, encoder.params
+    module = getattr(encoder, "model", None) or getattr(encoder, "module", None)
+    if isinstance(module, nn.Module) and hasattr(encoder, "params"):
+
+        def encode(params, ids, mask):
+            return module.apply({"params": params}, ids, mask)
+
+        return encode, encoder.params
+    raise CascadeError(
+        f"text encoder {type(encoder).__name__} exposes neither (encode_fn, params) nor "
+        "(model, params); use imagen_jax.text.load_t5"
+    )
+
+
+def param_shardings(
+    stage: CascadeStage,
+    mesh: Mesh,
+    rules: partitioning.LogicalRules,
+    params: PyTree | None = None,
+    embed_dim: int | None = None,
+) -> PyTree:
+    """NamedShardings for ``stage``'s parameters from the model's logical axis annotations."""
+    abstract = abstract_params(stage, stage.text_embed_dim or embed_dim or 8)
+    specs = partitioning.logical_specs(abstract)
+    shardings = partitioning.logical_to_shardings(specs, mesh, rules)
+    if params is not None:
+        ref = jax.tree_util.tree_structure(params)
+        got = jax.tree_util.tree_structure(nn.meta.unbox(abstract))
+        if ref != got:
+            # embed_dim guessed wrong or a custom tree: fall back to replication (still correct).
+            return jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), params)
+    return shardings
+
+
+def abstract_params(stage: CascadeStage, embed_dim: int, text_length: int = 8) -> PyTree:
+    """``jax.eval_shape`` of the stage's init (boxed with logical names; nothing allocated)."""
+    r = stage.resolution
+    x = jnp.zeros((1, r, r, 3), jnp.float32)
+    t = jnp.zeros((1,), jnp.float32)
+    embeds = jnp.zeros((1, text_length, embed_dim), jnp.float32)
+    mask = jnp.ones((1, text_length), bool)
+    kwargs = {}
+    if stage.is_sr:
+        lr = stage.lowres_resolution
+        kwargs = dict(lowres=jnp.zeros((1, lr, lr, 3), jnp.float32), aug_level=t)
+
+    def init(rng):
+        return stage.model.init(rng, x, t, embeds, mask, **kwargs)["params"]
+
+    return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def init_params(
+    stage: CascadeStage, rng: jax.Array, embed_dim: int, text_length: int = 8
+) -> PyTree:
+    """Random parameters for ``stage`` (tests, benchmarks, the notebook's untrained cascade)."""
+    r = stage.resolution
+    x = jnp.zeros((1, r, r, 3), jnp.float32)
+    t = jnp.zeros((1,), jnp.float32)
+    embeds = jnp.zeros((1, text_length, embed_dim), jnp.float32)
+    mask = jnp.ones((1, text_length), bool)
+    kwargs = {}
+    if stage.is_sr:
+        lr = stage.lowres_resolution
+        kwargs = dict(lowres=jnp.zeros((1, lr, lr, 3), jnp.float32), aug_level=t)
+    variables = jax.jit(lambda k: stage.model.init(k, x, t, embeds, mask, **kwargs))(rng)
+    return nn.meta.unbox(variables["params"])

@@ -1,0 +1,141 @@
+"""The 64x64 base U-Net of Imagen (App. F.1): ADM (Dhariwal & Nichol 2021) with text conditioning.
+
+Layout per level (channels = ``channels * channel_mult[level]``): ``num_res_blocks`` residual
+blocks (each followed by attention when the level's resolution is in ``attn_resolutions``), then a
+BigGAN-style downsampling residual block; a middle ResBlock-Attention-ResBlock; the mirror-image
+decoder with ``num_res_blocks + 1`` blocks per level reading the concatenated skip activations.
+Attention is self-attention with the text tokens concatenated to its keys/values (App. D.3.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imagen_jax.nn.attention import AttentionBlock
+from imagen_jax.nn.conditioning import Conditioning
+from imagen_jax.nn.layers import (
+    Conv,
+    GroupNorm,
+    ResBlock,
+    as_tuple,
+    check_text_inputs,
+    check_time,
+    constrain_image,
+)
+
+Array = jax.Array
+
+
+class BaseUNet(nn.Module):
+    """Text-conditional ADM U-Net predicting eps / v / x0 (whatever the loss trains).
+
+    Call: ``apply(variables, x [B,H,W,C_in], t [B], text_embeds [B,L,D], text_mask bool [B,L],
+    lowres=None, aug_level=None, train=False) -> [B, H, W, out_channels]``.
+    """
+
+    channels: int = 512  # App. F.1 "embed dim 512"
+    channel_mult: Sequence[int] = (1, 2, 3, 4)
+    num_res_blocks: int | Sequence[int] = 3
+    attn_resolutions: Sequence[int] = (32, 16, 8)
+    image_size: int = 64
+    head_dim: int = 64
+    embed_dim: int | None = None  # timestep-embedding width; None -> 4 * channels (ADM)
+    sinusoid_dim: int | None = None  # None -> channels
+    text_embed_dim: int = 4096  # T5-XXL
+    text_cond_dim: int = 1024
+    attn_pool: bool = True
+    attn_pool_heads: int = 8
+    out_channels: int = 3
+    dropout: float = 0.0  # App. F: no dropout
+    num_groups: int = 32
+    resblock_updown: bool = True  # BigGAN-style resampling residual blocks
+    remat: bool = False
+    attention_impl: str | None = None
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, text_embeds: Array, text_mask: Array,
+                 lowres: Array | None = None, aug_level: Array | None = None,
+                 train: bool = False) -> Array:
+        name = type(self).__name__
+        if lowres is not None or aug_level is not None:
+            raise ValueError(f"{name} is a base (not super-resolution) model: call it with "
+                             "lowres=None and aug_level=None, or use EfficientUNet")
+        b, height, width, _ = x.shape
+        num_levels = len(self.channel_mult)
+        factor = 2 ** (num_levels - 1)
+        if height != width or height % factor:
+            raise ValueError(f"{name}: x must be square with a side divisible by {factor}, got "
+                             f"{x.shape}; the model has {num_levels} levels")
+        check_time(t, b, "t", name)
+        check_text_inputs(text_embeds, text_mask, b, self.text_embed_dim, name)
+
+        dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        embed_dim = self.embed_dim or 4 * self.channels
+        blocks_per_level = as_tuple(self.num_res_blocks, num_levels, "num_res_blocks")
+        res_block = nn.remat(ResBlock) if self.remat else ResBlock
+        attn_block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+
+        def resblock(ch: int, name: str, resample: str | None = None) -> ResBlock:
+            return res_block(ch, resample=resample, dropout=self.dropout, deterministic=not train,
+                             num_groups=self.num_groups, name=name, **kw)
+
+        def attention(h: Array, name: str) -> Array:
+            return attn_block(head_dim=self.head_dim, num_groups=self.num_groups,
+                              implementation=self.attention_impl, name=name,
+                              **kw)(h, text_tokens, text_mask)
+
+        emb, text_tokens = Conditioning(
+            embed_dim, self.sinusoid_dim or self.channels, self.text_cond_dim, self.attn_pool,
+            self.attn_pool_heads, use_aug_level=False, name="cond", **kw)(t, text_embeds,
+                                                                         text_mask)
+
+        h = constrain_image(x.astype(dtype))
+        h = Conv(self.channels * self.channel_mult[0], 3, name="conv_in", **kw)(h)
+        skips = [h]
+        for level, mult in enumerate(self.channel_mult):
+            ch = self.channels * mult
+            use_attn = self.image_size // 2**level in self.attn_resolutions
+            for i in range(blocks_per_level[level]):
+                h = resblock(ch, f"down_{level}_res_{i}")(h, emb)
+                if use_attn:
+                    h = attention(h, f"down_{level}_attn_{i}")
+                skips.append(h)
+            if level != num_levels - 1:
+                if self.resblock_updown:
+                    h = resblock(ch, f"down_{level}_downsample", "down")(h, emb)
+                else:
+                    h = Conv(ch, 3, strides=2, name=f"down_{level}_downsample", **kw)(h)
+                skips.append(h)
+
+        ch_mid = self.channels * self.channel_mult[-1]
+        h = resblock(ch_mid, "mid_res_0")(h, emb)
+        h = attention(h, "mid_attn")
+        h = resblock(ch_mid, "mid_res_1")(h, emb)
+
+        for level in reversed(range(num_levels)):
+            ch = self.channels * self.channel_mult[level]
+            use_attn = self.image_size // 2**level in self.attn_resolutions
+            for i in range(blocks_per_level[level] + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = resblock(ch, f"up_{level}_res_{i}")(h, emb)
+                if use_attn:
+                    h = attention(h, f"up_{level}_attn_{i}")
+            if level != 0:
+                if self.resblock_updown:
+                    h = resblock(ch, f"up_{level}_upsample", "up")(h, emb)
+                else:
+                    h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+                    h = Conv(ch, 3, name=f"up_{level}_upsample", **kw)(h)
+
+        h = nn.swish(GroupNorm(self.num_groups, param_dtype, name="norm_out")(h))
+        # Zero-initialised output: the untrained model predicts 0 (the mean of eps).
+        out = Conv(self.out_channels, 3, zero_init=True, name="conv_out", **kw)(h)
+        return constrain_image(out.astype(jnp.float32))

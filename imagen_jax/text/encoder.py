@@ -1,0 +1,172 @@
+"""``load_t5`` and ``TextEncoder``: frozen T5 weights + tokenizer + one jitted encode function."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from imagen_jax import partitioning
+from imagen_jax.text.checkpoints import abstract_params, load_params, open_checkpoint
+from imagen_jax.text.config import DTYPES, T5Config
+from imagen_jax.text.t5 import T5Encoder
+from imagen_jax.text.tokenizer import DEFAULT_MAX_LENGTH, Tokenizer, VocabularyError
+
+SPM_FILENAME = "spiece.model"
+
+
+class TextEncoder:
+    """A frozen T5 encoder with its tokenizer.
+
+    ``tokenize(texts) -> (ids int32 [B, L], mask bool [B, L])``; ``encode(ids, mask) -> float32
+    [B, L, D]`` (jitted, padded positions zeroed); ``__call__(texts)`` does both.
+    With a ``mesh``, parameters live sharded by the logical ``rules`` and the batch is split over
+    the mesh's batch axes (padded up to a multiple of their size and cut back).
+    """
+
+    def __init__(
+        self,
+        config: T5Config,
+        params: Any,
+        tokenizer: Tokenizer,
+        *,
+        dtype: str = "float32",
+        weights_digest: str = "",
+        mesh: Mesh | None = None,
+        rules: partitioning.LogicalRules = (),
+        param_shardings: Any = None,
+    ):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.mesh = mesh
+        self.rules = tuple(rules)
+        self.model = T5Encoder(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+        self._weights_digest = weights_digest
+
+        def apply(params, ids, mask):
+            return self.model.apply({"params": params}, ids, mask)
+
+        if mesh is None:
+            self._batch_multiple = 1
+            self._apply = jax.jit(apply)
+        else:
+            batch = partitioning.batch_sharding(mesh, 2)
+            self._batch_multiple = int(np.prod([mesh.shape[a] for a in batch.spec[0]]))
+            self._apply = jax.jit(
+                apply,
+                in_shardings=(param_shardings, batch, batch),
+                out_shardings=NamedSharding(mesh, PartitionSpec(batch.spec[0], None, None)),
+            )
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.d_model
+
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.max_length
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies weights + vocabulary + max_length (caches refuse to mix encoders)."""
+        h = hashlib.sha256()
+        h.update(self._weights_digest.encode())
+        h.update(self.tokenizer.sha256.encode())
+        h.update(str(self.max_length).encode())
+        return f"t5-{self.config.d_model}d{self.config.num_layers}l-{h.hexdigest()[:16]}"
+
+    def tokenize(self, texts: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokenizer(texts)
+
+    def encode(self, ids: Any, mask: Any) -> jax.Array:
+        """Token ids int [B, L] + mask bool [B, L] -> float32 [B, L, D] embeddings."""
+        if ids.ndim != 2 or tuple(ids.shape) != tuple(mask.shape):
+            raise ValueError(f"encode expects ids and mask of one shape [B, L]; got "
+                             f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+        if isinstance(ids, np.ndarray) and ids.size and ids.max() >= self.config.vocab_size:
+            raise ValueError(f"token id {int(ids.max())} >= vocab_size "
+                             f"{self.config.vocab_size}; wrong vocabulary for this checkpoint?")
+        ids = jnp.asarray(ids, jnp.int32)
+        mask = jnp.asarray(mask, bool)
+        batch = ids.shape[0]
+        pad = -batch % self._batch_multiple
+        if pad:  # all-False rows: finite, zeroed outputs, cut off below
+            ids = jnp.pad(ids, ((0, pad), (0, 0)))
+            mask = jnp.pad(mask, ((0, pad), (0, 0)))
+        if self.mesh is None:
+            out = self._apply(self.params, ids, mask)
+        else:
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                out = self._apply(self.params, ids, mask)
+        return out[:batch] if pad else out
+
+    def __call__(self, texts: Sequence[str] | str) -> tuple[jax.Array, np.ndarray]:
+        ids, mask = self.tokenize(texts)
+        return self.encode(ids, mask), mask
+
+    def __repr__(self) -> str:
+        return (f"TextEncoder(d_model={self.embed_dim}, layers={self.config.num_layers}, "
+                f"dtype={self.dtype}, max_length={self.max_length}, "
+                f"fingerprint={self.fingerprint})")
+
+
+@gin.configurable
+def load_t5(
+    path: str,
+    *,
+    vocab: str | None = None,
+    dtype: str = "float32",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    mesh: Mesh | None = None,
+    rules: partitioning.LogicalRules | None = None,
+    config: T5Config | None = None,
+    progress: bool = False,
+) -> TextEncoder:
+    """Loads a frozen T5 encoder from a Hugging Face or T5X checkpoint directory.
+
+    Args:
+      path: Hugging Face directory (``config.json`` + safetensors) or T5X ``checkpoint_N``.
+      vocab: sentencepiece model; defaults to ``path/spiece.model``.
+      dtype: "float32" or "bfloat16": weight storage and matmul dtype (norms and softmax stay
+        float32; outputs are float32).
+      max_length: fixed token length (EOS included).
+      mesh: shard parameters over this mesh (default: everything on the first device).
+      rules: logical -> mesh axis rules (default ``partitioning.logical_axis_rules()``).
+      config: override the checkpoint's architecture (T5X directories carry none).
+      progress: show a per-parameter progress bar while loading.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; use one of {DTYPES}")
+    source = open_checkpoint(os.fspath(path), config)
+    cfg = source.config
+    vocab = vocab or os.path.join(path, SPM_FILENAME)
+    tokenizer = Tokenizer(vocab, max_length)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise VocabularyError(
+            f"vocabulary {vocab!r} has {tokenizer.vocab_size} pieces but the checkpoint's "
+            f"embedding table has {cfg.vocab_size} rows; pass the vocab this model was trained with"
+        )
+    param_dtype = jnp.dtype(dtype)
+    shardings = None
+    if mesh is not None:
+        rules = partitioning.logical_axis_rules() if rules is None else rules
+        specs = partitioning.logical_specs(abstract_params(cfg, param_dtype))
+        shardings = partitioning.logical_to_shardings(specs, mesh, rules)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = lambda it: tqdm(it, desc="loading T5", unit="array")  # noqa: E731
+    params, digest = load_params(source, param_dtype, shardings, progress=bar)
+    return TextEncoder(cfg, params, tokenizer, dtype=dtype, weights_digest=digest, mesh=mesh,
+                       rules=rules or (), param_shardings=shardings)

@@ -1,0 +1,442 @@
+"""The training loop of one cascade stage (reads top to bottom, like big_vision's train.py).
+
+    mesh + rules -> optimizer -> data -> abstract state -> restore or sharded init -> compile
+    -> loop { batch -> step -> guard -> metrics -> samples -> checkpoint -> preemption }
+
+Everything is configured from gin (`train.*`, `TrainConfig.*`, `StepConfig.*`,
+`CheckpointConfig.*`, `make_mesh.*`, `logical_axis_rules.rules`, `make_optimizer.*`,
+`learning_rate_schedule.*`, `Stage.*`); `launch/train.py` is the command-line entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from imagen_jax import gin_utils, partitioning
+from imagen_jax.train import metrics as metrics_lib
+from imagen_jax.train.checkpoint import CheckpointConfig, Checkpointer
+from imagen_jax.train.optim import learning_rate_schedule, make_optimizer
+from imagen_jax.train.stage import Stage
+from imagen_jax.train.state import TrainState, abstract_train_state, count_params, param_shapes
+from imagen_jax.train.step import StepConfig, batch_shardings, jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+DataFn = Callable[..., Iterator[Mapping[str, np.ndarray]]]
+EncodeFn = Callable[[Any, Any], Any]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many consecutive non-finite steps)."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot train; raised before any compute, naming the fix."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Run-level settings.
+
+    Attributes:
+      batch_size: global batch (all hosts, all micro-batches); paper App. F: 2048.
+      num_steps: total train steps (paper: 2.5 M).
+      seed: seeds parameter init and the per-step diffusion noise.
+      log_every: write metrics every N steps.
+      sample_every: write a sample grid (EMA params) every N steps; 0 disables.
+      num_samples: examples in the sample grid (the first ones of the data's first batch).
+      sample_steps: sampler steps for those grids (a cheap preview, not the stage default).
+      max_bad_steps: stop after this many consecutive non-finite steps.
+      peak_flops_per_device: for MFU in the metrics (e.g. 989e12 for an H100 in bf16); None: no MFU.
+      progress_bar: show a tqdm bar on process 0.
+    """
+
+    batch_size: int = 2048
+    num_steps: int = 2_500_000
+    seed: int = 0
+    log_every: int = 100
+    sample_every: int = 0
+    num_samples: int = 4
+    sample_steps: int = 32
+    max_bad_steps: int = 20
+    peak_flops_per_device: float | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_steps", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+
+
+@gin.configurable
+def pipeline_data(
+    *,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    tokenizer: Any | None = None,
+    text_fingerprint: str | None = None,
+    text_max_length: int | None = None,
+) -> Iterator[Mapping[str, np.ndarray]]:
+    """`train.data_fn` for the tfds/grain pipeline (`imagen_jax.data.pipeline.make_iterator`):
+    the trainer fixes the per-host batch size and host; everything else comes from gin."""
+    from imagen_jax.data import pipeline
+
+    loader = dataclasses.replace(
+        pipeline.LoaderSpec(),
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return pipeline.make_iterator(
+        loader=loader,
+        tokenizer=tokenizer,
+        text_fingerprint=text_fingerprint,
+        text_max_length=text_max_length,
+    )
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls, so it can save before exiting."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some notebook runners): no handler
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            # All hosts must agree on the step to stop at, or the collective save deadlocks.
+            from jax.experimental import multihost_utils
+
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # preemption service unavailable: fall back to the local flag
+                pass
+        return self.requested
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_batch_divides_mesh(batch_size: int, num_micro: int, mesh: Mesh) -> None:
+    data_shards = math.prod(
+        mesh.shape[a] for a in partitioning.BATCH_AXES if a in mesh.axis_names
+    )
+    if batch_size % (num_micro * data_shards) or batch_size % jax.process_count():
+        raise ConfigError(
+            f"global batch {batch_size} does not divide into {num_micro} micro-batches x "
+            f"{data_shards} data shards (mesh {dict(mesh.shape)}) over {jax.process_count()} "
+            "processes; change TrainConfig.batch_size, StepConfig.num_micro_batches or the mesh"
+        )
+
+
+def check_batch(batch: Mapping[str, np.ndarray], stage: Stage, local_batch: int,
+                encode: bool) -> None:
+    """Raises `ConfigError` if the data pipeline's batch does not fit the stage.
+
+    A stage with `train_crop` accepts full-size images (cropped in the train step) or crops
+    already taken by the pipeline.
+    """
+    image_shape = tuple(np.shape(batch.get("image", ())))
+    res = stage.resolution
+    if stage.train_crop and image_shape[1:2] == (stage.train_crop,):
+        res = stage.train_crop
+    expected = {"image": (local_batch, res, res, 3), "text_mask": (local_batch, stage.text_length)}
+    if stage.is_super_res:
+        low = res // stage.upscale
+        expected["lowres"] = (local_batch, low, low, 3)
+    if encode:
+        expected["text_ids"] = (local_batch, stage.text_length)
+    else:
+        expected["text_embeds"] = (local_batch, stage.text_length, stage.text_embed_dim)
+    for key, shape in expected.items():
+        if key not in batch:
+            hint = (" (on-the-fly text needs TextSpec.mode='tokens')" if key == "text_ids" else
+                    " (pass train.text_encoder for token batches)" if key == "text_embeds" else "")
+            raise ConfigError(f"data batch lacks {key!r} (has {sorted(batch)}){hint}")
+        if tuple(np.shape(batch[key])) != shape:
+            raise ConfigError(
+                f"data batch {key!r} has shape {tuple(np.shape(batch[key]))}, the stage expects "
+                f"{shape} (per-host batch {local_batch}); align the data gin config (resolution, "
+                "text length, batch size) with the Stage"
+            )
+
+
+def global_batch_specs(host_batch: Mapping[str, np.ndarray], stage: Stage,
+                       global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shapes of the arrays the train step consumes, from one (checked) host batch."""
+    specs = {}
+    for key in ("image", "lowres", "text_mask"):
+        if key in host_batch:
+            v = host_batch[key]
+            dtype = jnp.bool_ if key == "text_mask" else jnp.float32
+            specs[key] = jax.ShapeDtypeStruct((global_batch,) + tuple(np.shape(v)[1:]), dtype)
+    specs["text_embeds"] = jax.ShapeDtypeStruct(
+        (global_batch, stage.text_length, stage.text_embed_dim), jnp.float32)
+    return specs
+
+
+def _to_global(batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any],
+               global_batch: int) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global jax arrays sharded over the data axes."""
+    return {
+        k: jax.make_array_from_process_local_data(
+            shardings[k], np.asarray(v), (global_batch,) + tuple(np.shape(v)[1:])
+        )
+        for k, v in batch.items()
+    }
+
+
+@gin.configurable(denylist=["workdir", "step_callback", "mesh"])
+def train(
+    workdir: str,
+    stage: Stage = gin.REQUIRED,
+    data_fn: DataFn = gin.REQUIRED,
+    config: TrainConfig | None = None,
+    step_config: StepConfig | None = None,
+    checkpoint_config: CheckpointConfig | None = None,
+    text_encoder: Any | None = None,
+    encode_fn: EncodeFn | None = None,
+    mesh: Mesh | None = None,
+    step_callback: Callable[[int, TrainState, dict[str, Any]], None] | None = None,
+) -> TrainState:
+    """Trains `stage` in `workdir` (resuming from its latest checkpoint); returns the final state.
+
+    Args:
+      data_fn: `data_fn(batch_size=, process_index=, process_count=[, tokenizer=])` -> iterator
+        of host-local batches (DESIGN.md batch dicts); its iterator state is checkpointed.
+      text_encoder: for token batches: tokenizes in the pipeline and encodes in the trainer
+        (`imagen_jax.data.embed_cache.masked_encode_fn`); or pass `encode_fn(ids, mask)`.
+      mesh: defaults to gin's `make_mesh()`.
+      step_callback: called after every step with (step, state, metrics) (tests, profiling).
+    """
+    config = config or TrainConfig()
+    step_config = step_config or StepConfig()
+    checkpoint_config = checkpoint_config or CheckpointConfig()
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    # ---- Mesh, rules, optimizer: everything checked before any compute.
+    mesh = mesh if mesh is not None else partitioning.make_mesh()
+    rules = partitioning.logical_axis_rules()
+    check_batch_divides_mesh(config.batch_size, step_config.num_micro_batches, mesh)
+    lr_schedule = learning_rate_schedule()
+    tx = make_optimizer(lr_schedule)
+    if text_encoder is not None and encode_fn is None:
+        from imagen_jax.data.embed_cache import masked_encode_fn
+
+        encode_fn = masked_encode_fn(text_encoder)
+        if stage.text_fingerprint and text_encoder.fingerprint != stage.text_fingerprint:
+            raise ConfigError(
+                f"text encoder fingerprint {text_encoder.fingerprint!r} differs from "
+                f"Stage.text_fingerprint {stage.text_fingerprint!r}; load the encoder the stage "
+                "is trained with"
+            )
+
+    # ---- Data (host-local batches).
+    local_batch = config.batch_size // jax.process_count()
+    data_kwargs = dict(batch_size=local_batch, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+    if text_encoder is not None:
+        data_kwargs["tokenizer"] = text_encoder
+    data_iter = data_fn(**data_kwargs)
+
+    # ---- State: restore the latest checkpoint or initialise directly into shards.
+    abstract_state, state_shardings = abstract_train_state(stage.model, tx, stage, mesh, rules)
+    ckpt = Checkpointer(workdir, checkpoint_config)
+    if ckpt.latest_step() is not None:
+        log.info("resuming from %s step %d", ckpt.directory, ckpt.latest_step())
+        state = ckpt.restore(abstract_state, data_iter)
+    else:
+        from imagen_jax.train.state import init_train_state
+
+        state, _ = init_train_state(stage.model, tx, stage, config.seed, mesh, rules)
+    start_step = int(jax.device_get(state.step))
+    num_params = count_params(abstract_state.params)
+    log.info("stage with %.1fM parameters, start step %d", num_params / 1e6, start_step)
+
+    # ---- Compile the step (explicit shardings, donated state) for the data's shapes.
+    first_batch = next(data_iter)
+    check_batch(first_batch, stage, local_batch, encode=encode_fn is not None)
+    batch_specs = global_batch_specs(first_batch, stage, config.batch_size)
+    shardings = batch_shardings(batch_specs, mesh)
+    ids_sharding = partitioning.batch_sharding(mesh, 2)
+    step_fn = make_train_step(stage, tx, lr_schedule, step_config, mesh, rules)
+    with mesh:
+        train_step = jit_train_step(step_fn, state_shardings, shardings, mesh)
+        compiled = train_step.lower(abstract_state, batch_specs).compile()
+    # cost_analysis describes one device's SPMD program.
+    flops_per_step = metrics_lib.compiled_flops(compiled)
+    if flops_per_step is not None:
+        flops_per_step *= mesh.size
+
+    # ---- Outputs.
+    writer = metrics_lib.MetricWriter(workdir)
+    sampler = _SampleGrid(stage, config, mesh) if config.sample_every else None
+    if is_main:
+        with open(os.path.join(workdir, "config.gin"), "w") as f:
+            f.write(gin_utils.operative_config())
+    preemption = _Preemption()
+    progress = _progress_bar(config, start_step, is_main)
+
+    def meta():
+        return {"operative_config": gin_utils.operative_config(),
+                "param_shapes": param_shapes(abstract_state.params),
+                "process_count": jax.process_count(), "num_params": num_params}
+
+    # ---- Loop.
+    pending: dict[str, jax.Array] | None = None  # previous step's metrics (read one step late)
+    window_start, window_steps = time.perf_counter(), 0
+    step = start_step
+    try:
+        while step < config.num_steps:
+            host_batch = first_batch if step == start_step else next(data_iter)
+            if encode_fn is not None:
+                ids = _to_global({"text_ids": host_batch["text_ids"],
+                                  "text_mask": host_batch["text_mask"]},
+                                 {"text_ids": ids_sharding, "text_mask": ids_sharding},
+                                 config.batch_size)
+                embeds = encode_fn(ids["text_ids"], ids["text_mask"])
+            host_batch = {k: v for k, v in host_batch.items() if k in batch_specs}
+            batch = _to_global(host_batch, shardings, config.batch_size)
+            if encode_fn is not None:
+                batch["text_embeds"] = jax.device_put(
+                    jnp.asarray(embeds, jnp.float32), shardings["text_embeds"])
+            if sampler is not None and sampler.batch is None:
+                sampler.set_batch(batch)
+
+            with mesh:
+                state, step_metrics = train_step(state, batch)
+            step += 1
+            window_steps += 1
+            # The guard reads the previous step's counter so the host never waits on the
+            # device step it just dispatched.
+            if pending is not None:
+                _check_bad_steps(pending, config.max_bad_steps, step - 1, ckpt)
+            pending = step_metrics
+            if step_callback is not None:
+                step_callback(step, state, step_metrics)
+
+            if step % config.log_every == 0 or step == config.num_steps:
+                host = jax.device_get(step_metrics)
+                elapsed = time.perf_counter() - window_start
+                scalars = metrics_lib.flatten_metrics(host, step_config.logsnr_bucket_edges)
+                scalars["step_time_s"] = elapsed / window_steps
+                scalars["examples_per_s"] = config.batch_size * window_steps / elapsed
+                if flops_per_step is not None:
+                    scalars["flops_per_s"] = flops_per_step * window_steps / elapsed
+                    if config.peak_flops_per_device:
+                        scalars["mfu"] = scalars["flops_per_s"] / (
+                            config.peak_flops_per_device * mesh.size)
+                writer.write_scalars(step, scalars)
+                progress.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
+                window_start, window_steps = time.perf_counter(), 0
+            if sampler is not None and step % config.sample_every == 0:
+                sampler.write(step, state.ema_params, writer, workdir)
+            progress.update(1)
+
+            ckpt.save(step, state, data_iter, meta())
+            if preemption.reached(step):
+                log.warning("SIGTERM: saving step %d and exiting", step)
+                if ckpt.latest_step() != step:
+                    ckpt.save(step, state, data_iter, meta(), force=True)
+                break
+        if pending is not None:
+            _check_bad_steps(pending, config.max_bad_steps, step, ckpt)
+        if not preemption.requested and step > start_step and ckpt.latest_step() != step:
+            ckpt.save(step, state, data_iter, meta(), force=True)
+    finally:
+        ckpt.close()
+        writer.close()
+        progress.close()
+        preemption.close()
+    return state
+
+
+def _check_bad_steps(step_metrics: Mapping[str, jax.Array], max_bad: int, step: int,
+                     ckpt: Checkpointer) -> None:
+    bad = int(jax.device_get(step_metrics["bad_steps"]))
+    if bad >= max_bad:
+        ckpt.wait()
+        raise TrainingError(
+            f"{bad} consecutive steps up to step {step} had a non-finite loss or gradient "
+            f"(limit TrainConfig.max_bad_steps={max_bad}); no update was applied for them and the "
+            f"last checkpoint (step {ckpt.latest_step()}) is intact. Check the data (NaN/Inf "
+            "pixels or embeddings), lower the learning rate, or use float32."
+        )
+
+
+def _progress_bar(config: TrainConfig, start: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=config.num_steps, initial=start, disable=not (enabled and
+                config.progress_bar), dynamic_ncols=True, desc="train")
+
+
+class _SampleGrid:
+    """Periodic sample grids from the EMA params on fixed examples (the first data batch)."""
+
+    def __init__(self, stage: Stage, config: TrainConfig, mesh: Mesh):
+        from imagen_jax.cascade import CascadeStage
+
+        # Sampled at the stage's own settings except for the step count (a cheap preview).
+        self.cascade_stage = CascadeStage.from_train_stage(stage, name="train").with_sampling(
+            num_steps=config.sample_steps)
+        self.num_samples, self.mesh = config.num_samples, mesh
+        self.batch: dict[str, np.ndarray] | None = None
+        self._fn = None
+
+    def set_batch(self, batch: Mapping[str, jax.Array]) -> None:
+        from jax.experimental import multihost_utils
+
+        keys = ("text_embeds", "text_mask", "lowres")
+        gathered = multihost_utils.process_allgather({k: batch[k] for k in keys if k in batch},
+                                                     tiled=True)
+        self.batch = {k: np.asarray(v)[: self.num_samples] for k, v in gathered.items()}
+        low = self.batch.get("lowres")
+        if low is not None and low.shape[1] != self.cascade_stage.lowres_resolution:
+            # Crop-trained SR stage: preview at the training crop size (fully convolutional).
+            upscale = self.cascade_stage.resolution // self.cascade_stage.lowres_resolution
+            self.cascade_stage = self.cascade_stage.replace(
+                lowres_resolution=low.shape[1], resolution=low.shape[1] * upscale)
+
+    def write(self, step: int, ema_params: Any, writer: metrics_lib.MetricWriter,
+              workdir: str) -> None:
+        from imagen_jax.cascade import sample_stage
+
+        if self._fn is None:
+            self._fn = jax.jit(lambda params, embeds, mask, lowres: sample_stage(
+                self.cascade_stage, params, embeds, mask, jax.random.PRNGKey(0), lowres=lowres))
+        b = self.batch
+        with self.mesh:
+            images = self._fn(ema_params, b["text_embeds"], b["text_mask"], b.get("lowres"))
+        grid = metrics_lib.image_grid(np.asarray(jax.device_get(images)))
+        writer.write_image(step, "samples", grid)
+        if jax.process_index() == 0:
+            from PIL import Image
+
+            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+            Image.fromarray(grid).save(os.path.join(workdir, "samples", f"{step:08d}.png"))

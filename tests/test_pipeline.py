@@ -1,0 +1,415 @@
+"""Input pipeline: per-stage batch contents, host sharding, resumption, clear errors."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+# torchvision must be imported before TensorFlow is loaded (tfds preparation loads it):
+# the other order segfaults in this environment.
+import torchvision.transforms.functional as tvf  # isort: skip
+import tensorflow_datasets as tfds
+import torch
+from PIL import Image
+
+from imagen_jax.data import pipeline, shapes_tfds
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = "imagen_shapes/p32"  # 32 px shapes, prepared by `prepared_data_dir`
+SHAPES_TRAIN = 24
+EDGE = "pipeline_edge_cases"
+
+
+class PipelineEdgeCases(tfds.core.GeneratorBasedBuilder):
+    """Awkward images: non-square, too small for a 32 px stage, undecodable bytes."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    # Record -> (height, width) or None for a corrupt file; ids are 1000 + record.
+    SIZES = [(40, 56), (48, 32), (20, 30), None, (64, 64), (33, 90)]
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+                    "key": np.int64,
+                }
+            ),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, size in enumerate(self.SIZES):
+            yield i, {
+                "image": edge_image(i) if size else io.BytesIO(b"\x89PNG but truncated"),
+                "captions": {"text": [f"first caption {i}", f"second caption {i}"]},
+                "key": 1000 + i,
+            }
+
+
+def edge_image(record: int) -> np.ndarray:
+    """Smooth gradients (no edges: resampling filters differ most at edges) of ``record``'s size."""
+    h, w = PipelineEdgeCases.SIZES[record]
+    y, x = np.mgrid[0:h, 0:w]
+    channels = [x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 200 // (h + w - 2) + record]
+    img = np.stack(channels, -1)
+    return img.astype(np.uint8)
+
+
+@functools.cache
+def _prepare(root: str) -> str:
+    data_dir = os.path.join(root, "tfds")
+    shapes_tfds.prepare(
+        shapes_tfds.ShapesConfig(name="p32", resolution=32, num_train=SHAPES_TRAIN, num_heldout=8),
+        data_dir=data_dir,
+    )
+    PipelineEdgeCases(data_dir=data_dir, file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """A tfds data_dir with 32 px shapes (24 train / 8 heldout) and the edge-case builder."""
+    return _prepare(str(tmp_path_factory.getbasetemp()))
+
+
+class CharTokenizer:
+    """Tiny deterministic tokenizer (bytes + EOS) standing in for T5's in tokens-mode tests."""
+
+    max_length = 24
+
+    def tokenize(self, texts):
+        ids = np.zeros((len(texts), self.max_length), np.int32)
+        for row, text in enumerate(texts):
+            codes = list(text.encode()[: self.max_length - 1]) + [1]
+            ids[row, : len(codes)] = codes
+        return ids, ids > 0
+
+
+def shapes_source(data_dir: str, split: str = "train") -> pipeline.SourceSpec:
+    return pipeline.SourceSpec(name=SHAPES, split=split, data_dir=data_dir)
+
+
+def loader(**kw) -> pipeline.LoaderSpec:
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    kw.setdefault("read_threads", 1)
+    return pipeline.LoaderSpec(**kw)
+
+
+def tokens_iterator(data_dir, stage=None, source=None, **loader_kw) -> pipeline.InputIterator:
+    return pipeline.make_iterator(
+        source or shapes_source(data_dir),
+        stage or pipeline.StageSpec(resolution=32),
+        loader(**loader_kw),
+        pipeline.TextSpec(mode="tokens"),
+        tokenizer=CharTokenizer(),
+    )
+
+
+def raw_examples(data_dir: str, name: str = SHAPES, split: str = "train") -> dict[int, dict]:
+    """Reference read through plain tfds (decoded by tfds itself), keyed by example id."""
+    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    key = "key" if name == EDGE else "id"
+    return {int(ex[key]): ex for ex in ds}
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.round((x + 1.0) * 127.5).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch contents.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_base_stage_batches_are_the_dataset_images_and_captions(data_dir):
+    it = tokens_iterator(data_dir, batch_size=8, num_epochs=1)
+    batches = list(it)
+    assert len(batches) == SHAPES_TRAIN // 8
+    raw = raw_examples(data_dir)
+    tok = CharTokenizer()
+    for b in batches:
+        assert set(b) == {"image", "id", "text_ids", "text_mask"}
+        assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
+        assert b["id"].dtype == np.int64 and b["text_ids"].dtype == np.int32
+        assert b["text_mask"].dtype == bool
+        assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
+        for i, example_id in enumerate(b["id"]):
+            ex = raw[int(example_id)]
+            # Same size as the stage: the pixels pass through untouched, scaled to [-1, 1].
+            np.testing.assert_array_equal(b["image"][i], ex["image"] / np.float32(127.5) - 1)
+            ids, mask = tok.tokenize([ex["caption"].decode()])
+            np.testing.assert_array_equal(b["text_ids"][i], ids[0])
+            np.testing.assert_array_equal(b["text_mask"][i], mask[0])
+    # One epoch visits every example exactly once.
+    assert sorted(np.concatenate([b["id"] for b in batches]).tolist()) == sorted(raw)
+
+
+def test_sr_stage_pairs_match_torchvision_resize_and_crop(data_dir):
+    """Shorter side -> 32, centre crop, 8 px low-res: parity with torchvision's antialiased
+    bicubic (an independent implementation of PIL's filter) on non-square images. Geometry
+    convention: the longer side is rounded (torchvision truncates), the crop offset floored."""
+    source = pipeline.SourceSpec(name=EDGE, data_dir=data_dir, caption_feature="captions/text",
+                                 id_feature="key")
+    stage = pipeline.StageSpec(resolution=32, lowres_resolution=8, small_images="skip",
+                               unreadable_images="skip")
+    it = tokens_iterator(data_dir, stage, source, batch_size=4, num_epochs=1, shuffle=False)
+    (batch,) = list(it)
+    # Records 2 (20x30) is too small and 3 is corrupt: skipped and counted by reason.
+    assert it.skipped == {"too_small": 1, "unreadable": 1}
+    assert batch["id"].tolist() == [1000, 1001, 1004, 1005]
+    assert batch["lowres"].shape == (4, 8, 8, 3)
+    for i, record in enumerate([0, 1, 4, 5]):
+        chw = torch.from_numpy(edge_image(record)).permute(2, 0, 1)
+        h, w = PipelineEdgeCases.SIZES[record]
+        size = (32, round(w * 32 / h)) if h <= w else (round(h * 32 / w), 32)
+        resized = tvf.resize(chw, list(size), interpolation=tvf.InterpolationMode.BICUBIC,
+                             antialias=True)
+        want = tvf.crop(resized, (size[0] - 32) // 2, (size[1] - 32) // 2, 32, 32)
+        want_low = tvf.resize(want, [8, 8], interpolation=tvf.InterpolationMode.BICUBIC,
+                              antialias=True)
+        got, got_low = to_uint8(batch["image"][i]), to_uint8(batch["lowres"][i])
+        # torch's antialiased bicubic follows PIL's filter; rounding differs by a few levels.
+        assert np.abs(got.astype(int) - want.permute(1, 2, 0).numpy()).max() <= 3
+        assert np.abs(got_low.astype(int) - want_low.permute(1, 2, 0).numpy()).max() <= 3
+    # Captions come from the nested sequence feature, first caption.
+    tok = CharTokenizer()
+    np.testing.assert_array_equal(batch["text_ids"][0], tok.tokenize(["first caption 0"])[0][0])
+
+
+def test_1024_stage_trains_on_random_crops_with_their_lowres(data_dir):
+    """Paper App. F: the 1024 model trains on 256 crops (64 -> 256) of 1024 images; here the
+    same geometry at 1/32 scale: 32 px images, 16 px random crops, 4 px low-res copies."""
+    stage = pipeline.StageSpec(resolution=16, lowres_resolution=4, source_resolution=32,
+                               crop="random")
+    raw = raw_examples(data_dir)
+    epochs = [tokens_iterator(data_dir, stage, batch_size=12, num_epochs=2, seed=3)
+              for _ in range(2)]
+    a, b = (list(e) for e in epochs)
+    offsets = {}
+    for batch_a, batch_b in zip(a, b):  # deterministic: same seed, same crops
+        np.testing.assert_array_equal(batch_a["image"], batch_b["image"])
+        for i, example_id in enumerate(batch_a["id"]):
+            full = raw[int(example_id)]["image"]
+            crop = to_uint8(batch_a["image"][i])
+            hits = [(y, x) for y in range(17) for x in range(17)
+                    if np.array_equal(full[y : y + 16, x : x + 16], crop)]
+            assert hits, "the crop is a window of the full-resolution image"
+            offsets.setdefault(int(example_id), set()).add(hits[0])
+            low = np.asarray(Image.fromarray(crop).resize((4, 4), Image.Resampling.BICUBIC))
+            np.testing.assert_array_equal(to_uint8(batch_a["lowres"][i]), low)
+    # Crops move across examples and epochs (not a disguised centre crop).
+    assert len(set().union(*offsets.values())) > 5
+    assert sum(len(v) > 1 for v in offsets.values()) > SHAPES_TRAIN // 2
+
+
+def test_epochs_are_reshuffled_permutations(data_dir):
+    ids = np.concatenate([b["id"] for b in tokens_iterator(data_dir, batch_size=6, num_epochs=3)])
+    epochs = ids.reshape(3, SHAPES_TRAIN)
+    for e in epochs:
+        assert sorted(e.tolist()) == sorted(raw_examples(data_dir))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    other_seed = tokens_iterator(data_dir, batch_size=6, num_epochs=1, seed=1)
+    assert not np.array_equal(np.concatenate([b["id"] for b in other_seed]), epochs[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-host sharding (Must show 4).
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_hosts", [2, 5])
+def test_hosts_see_disjoint_examples_covering_the_epoch(data_dir, num_hosts):
+    per_host = SHAPES_TRAIN // num_hosts
+    seen = []
+    for host in range(num_hosts):
+        it = tokens_iterator(data_dir, batch_size=per_host, num_epochs=1, process_index=host,
+                             process_count=num_hosts, seed=5)
+        (batch,) = list(it)  # every host gets the same number of examples (equal step counts)
+        seen.append(set(batch["id"].tolist()))
+        assert len(seen[-1]) == per_host
+    union = set().union(*seen)
+    assert sum(map(len, seen)) == len(union)  # disjoint
+    # Covering: all of the epoch, except at most num_hosts - 1 examples (truncated for balance).
+    assert len(union) == per_host * num_hosts
+    assert SHAPES_TRAIN - len(union) == SHAPES_TRAIN % num_hosts
+
+
+def test_default_host_is_jax_process():
+    import jax
+
+    assert pipeline.LoaderSpec().host() == (jax.process_index(), jax.process_count())
+    with pytest.raises(pipeline.DataError, match="process_index 2 not in"):
+        pipeline.LoaderSpec(process_index=2, process_count=2).host()
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumption (Must show 3): 7 batches, save, restore in a new process, 3 more == 10 fresh.
+# ----------------------------------------------------------------------------------------------
+
+_RESUME_CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from imagen_jax.data import pipeline
+    from tests.test_pipeline import resume_iterator
+
+    data_dir, state_path, out_path = sys.argv[1:]
+    it = pipeline.restore_state(resume_iterator(data_dir), state_path)
+    batches = pipeline.iterate(it, 3)
+    np.savez(out_path, skipped=np.asarray(it.num_skipped),
+             **{f"{i}_{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+    it.close()
+    """
+)
+
+
+def resume_iterator(data_dir: str) -> pipeline.InputIterator:
+    """The resumed configuration: SR pairs, random crops, 2 worker processes, several epochs
+    (24 examples, batch 5: the 10 batches cross two epoch boundaries)."""
+    stage = pipeline.StageSpec(resolution=16, lowres_resolution=8, source_resolution=32,
+                               crop="random")
+    return tokens_iterator(data_dir, stage, batch_size=5, seed=11, worker_count=2,
+                           worker_buffer_size=1)
+
+
+def test_resume_in_new_process_matches_uninterrupted(data_dir, tmp_path):
+    fresh = resume_iterator(data_dir)
+    want = pipeline.iterate(fresh, 10)
+    fresh.close()
+    first = resume_iterator(data_dir)
+    got = pipeline.iterate(first, 7)
+    for a, b in zip(got, want):
+        assert all(np.array_equal(a[k], b[k]) for k in b)
+    state_path = str(tmp_path / "iterator_state.json")
+    pipeline.save_state(first, state_path)
+    first.close()
+    json.loads(open(state_path).read())  # plain JSON: what grain's orbax handler writes too
+    out = tmp_path / "resumed.npz"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    subprocess.run([sys.executable, "-c", _RESUME_CHILD, data_dir, state_path, str(out)],
+                   cwd=REPO, env=env, check=True, timeout=240)
+    resumed = np.load(out)
+    for i, b in enumerate(want[7:]):
+        for k, v in b.items():
+            np.testing.assert_array_equal(resumed[f"{i}_{k}"], v, err_msg=f"batch {7 + i} {k}")
+
+
+def test_orbax_checkpoints_the_iterator(data_dir, tmp_path):
+    """The trainer's route: grain's orbax handler inside a CheckpointManager (Composite)."""
+    import orbax.checkpoint as ocp
+
+    stage = pipeline.StageSpec(resolution=32, small_images="skip", unreadable_images="skip")
+    source = pipeline.SourceSpec(name=EDGE, data_dir=data_dir, caption_feature="captions/text",
+                                 id_feature="key")
+    want = pipeline.iterate(tokens_iterator(data_dir, stage, source, batch_size=3), 6)
+    it = tokens_iterator(data_dir, stage, source, batch_size=3)
+    pipeline.iterate(it, 4)
+    skipped = dict(it.skipped)
+    assert sum(skipped.values()) >= 2  # two bad records per epoch, two epochs read
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+        mngr.save(4, args=ocp.args.Composite(data=pipeline.checkpoint_args(it)))
+        mngr.wait_until_finished()
+        restored = tokens_iterator(data_dir, stage, source, batch_size=3)
+        mngr.restore(4, args=ocp.args.Composite(
+            data=pipeline.checkpoint_args(restored, restore=True)))
+    assert restored.skipped == skipped  # skip counters are part of the state
+    for a, b in zip(pipeline.iterate(restored, 2), want[4:]):
+        assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clear errors.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_unknown_dataset_split_and_feature(data_dir):
+    def make(**kw):
+        return tokens_iterator(data_dir, source=pipeline.SourceSpec(data_dir=data_dir, **kw))
+
+    with pytest.raises(pipeline.DataError, match="unknown tfds dataset 'no_such_dataset'"):
+        make(name="no_such_dataset")
+    with pytest.raises(pipeline.DataError, match="not prepared"):
+        make(name="mnist")  # registered with tfds, never prepared here: nothing downloads
+    with pytest.raises(pipeline.DataError, match=r"no split 'validation'; it has \['heldout'"):
+        make(name=SHAPES, split="validation")
+    with pytest.raises(pipeline.DataError, match=r"no feature 'text' \(SourceSpec.caption_feature"):
+        make(name=SHAPES, caption_feature="text")
+    with pytest.raises(pipeline.DataError, match="no feature 'img'.*'image'"):
+        make(name=SHAPES, image_feature="img")
+
+
+def test_small_and_unreadable_images_fail_by_default_naming_the_example(data_dir):
+    source = pipeline.SourceSpec(name=EDGE, data_dir=data_dir, caption_feature="captions/text",
+                                 id_feature="key")
+    small = pipeline.StageSpec(resolution=32, small_images="error", unreadable_images="skip")
+    with pytest.raises(pipeline.DataError, match=r"id=1002 .*20x30, smaller than this stage's "
+                                                 r"32px; set StageSpec.small_images='skip'"):
+        next(tokens_iterator(data_dir, small, source, batch_size=4, shuffle=False))
+    bad = pipeline.StageSpec(resolution=16, small_images="skip")  # unreadable: error (default)
+    with pytest.raises(pipeline.DataError, match=r"id=1003 .*cannot be decoded"):
+        next(tokens_iterator(data_dir, bad, source, batch_size=4, shuffle=False))
+
+
+def test_bad_specs_are_refused():
+    with pytest.raises(pipeline.DataError, match="lowres_resolution"):
+        pipeline.StageSpec(resolution=64, lowres_resolution=64)
+    with pytest.raises(pipeline.DataError, match="source_resolution"):
+        pipeline.StageSpec(resolution=256, source_resolution=64)
+    with pytest.raises(pipeline.DataError, match="crop='middle'"):
+        pipeline.StageSpec(crop="middle")
+    with pytest.raises(pipeline.DataError, match="needs cache_dir"):
+        pipeline.TextSpec(mode="cache")
+    with pytest.raises(pipeline.DataError, match="'cache' or 'tokens'"):
+        pipeline.TextSpec(mode="text")
+
+
+def test_tokens_mode_needs_a_tokenizer(data_dir):
+    with pytest.raises(pipeline.DataError, match="needs a tokenizer"):
+        pipeline.make_iterator(shapes_source(data_dir), pipeline.StageSpec(resolution=32),
+                               loader(), pipeline.TextSpec(mode="tokens"))
+
+
+def test_gin_builds_the_iterator(data_dir):
+    import gin
+
+    from imagen_jax import gin_utils
+
+    with gin.unlock_config():
+        gin.clear_config()
+        gin_utils.parse(bindings=[
+            "make_iterator.source = @SourceSpec()",
+            f"SourceSpec.name = '{SHAPES}'",
+            f"SourceSpec.data_dir = '{data_dir}'",
+            "make_iterator.stage = @StageSpec()",
+            "StageSpec.resolution = 16",
+            "StageSpec.lowres_resolution = 8",
+            "make_iterator.loader = @LoaderSpec()",
+            "LoaderSpec.batch_size = 2",
+            "LoaderSpec.process_count = 1",
+            "LoaderSpec.process_index = 0",
+            "make_iterator.text = @TextSpec()",
+            "TextSpec.mode = 'tokens'",
+        ], finalize=False)
+        try:
+            batch = next(pipeline.make_iterator(tokenizer=CharTokenizer()))
+        finally:
+            gin.clear_config()
+    assert batch["image"].shape == (2, 16, 16, 3) and batch["lowres"].shape == (2, 8, 8, 3)

@@ -1,0 +1,242 @@
+"""U-Net behaviour: shapes, null-token text conditioning, attention parity against a numpy
+transcription, logical axis names, sharded init, remat, dtypes, error messages."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax import partitioning
+from imagen_jax.nn import BaseUNet, EfficientUNet, tiny_base, tiny_sr
+from imagen_jax.nn.attention import AttentionBlock, AttentionPool
+from imagen_jax.nn.layers import sinusoidal_embedding
+
+B, SIZE, L, D = 2, 16, 5, 32
+
+
+def _inputs(seed=0, size=SIZE, lowres=None):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((B, size, size, 3)), jnp.float32)
+    t = jnp.asarray([0.25, 0.8], jnp.float32)
+    embeds = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    args = [x, t, embeds, mask]
+    if lowres is not None:
+        args += [jnp.asarray(rng.standard_normal((B, lowres, lowres, 3)), jnp.float32),
+                 jnp.asarray([0.0, 0.3], jnp.float32)]
+    return args
+
+
+def _perturbed_params(model, args, seed=1):
+    """Init, then perturb every parameter so zero-initialised outputs are not trivially zero."""
+    params = nn.meta.unbox(model.init(jax.random.key(0), *args))["params"]
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@pytest.fixture(scope="module")
+def base_setup():
+    model = tiny_base()
+    args = _inputs()
+    return model, args, _perturbed_params(model, args)
+
+
+@pytest.fixture(scope="module")
+def sr_setup():
+    model = tiny_sr()
+    args = _inputs(size=16, lowres=4)
+    return model, args, _perturbed_params(model, args)
+
+
+def test_zero_init_output_and_shapes(base_setup, sr_setup):
+    for model, args, _ in (base_setup, sr_setup):
+        variables = model.init(jax.random.key(0), *args)
+        out = model.apply(variables, *args)
+        assert out.shape == args[0].shape and out.dtype == jnp.float32
+        # The output conv is zero-initialised: an untrained model predicts eps = 0.
+        np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+@pytest.mark.parametrize("which", ["base", "sr"])
+def test_null_condition_is_finite_and_ignores_masked_tokens(which, base_setup, sr_setup):
+    model, args, params = base_setup if which == "base" else sr_setup
+    apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+    x, t, embeds, mask = args[:4]
+    rest = args[4:]
+    # Classifier-free unconditional case (DESIGN.md): zero embeddings, all-False mask.
+    uncond = apply(params, x, t, jnp.zeros_like(embeds), jnp.zeros_like(mask), *rest)
+    assert np.isfinite(np.asarray(uncond)).all()
+    # With an all-False mask the text content must not matter at all.
+    uncond_noise = apply(params, x, t, embeds * 7.0, jnp.zeros_like(mask), *rest)
+    np.testing.assert_allclose(uncond, uncond_noise, atol=1e-5)
+    # Masked-out tokens (example 0, positions 3-4) must not influence the output ...
+    changed = embeds.at[0, 3:].set(100.0)
+    cond = apply(params, x, t, embeds, mask, *rest)
+    cond_changed = apply(params, x, t, changed, mask, *rest)
+    np.testing.assert_allclose(cond, cond_changed, atol=1e-5)
+    # ... while real tokens do: the text condition reaches the output.
+    assert float(jnp.abs(cond - uncond).max()) > 1e-4
+
+
+def _np_attention(q, k, v, mask):
+    """Numpy transcription of masked multi-head softmax attention. q [B,T,N,H], k/v [B,S,N,H]."""
+    logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(mask[:, None, None, :], logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", weights, v)
+
+
+def _np_group_norm(x, groups, scale, bias, eps=1e-6):
+    b, h, w, c = x.shape
+    g = x.reshape(b, h * w, groups, c // groups)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = g.var(axis=(1, 3), keepdims=True)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+
+
+def _np_layer_norm(x, scale, bias, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def test_attention_block_matches_numpy_transcription():
+    """Self-attention with null token + text keys/values (App. D.3.1) against numpy."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((B, 4, 4, 16)).astype(np.float32)
+    text = rng.standard_normal((B, L, 8)).astype(np.float32)
+    mask = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0]], bool)  # example 1: unconditional
+    block = AttentionBlock(head_dim=8, num_groups=4)
+    params = _perturbed_params(block, [x, text, mask], seed=4)
+    got = np.asarray(block.apply({"params": params}, x, text, mask))
+
+    p = jax.tree.map(np.asarray, params)
+    xn = _np_group_norm(x, 4, p["norm"]["norm"]["scale"], p["norm"]["norm"]["bias"])
+    xn = xn.reshape(B, 16, 16)
+    tn = _np_layer_norm(text, p["text_norm"]["norm"]["scale"], p["text_norm"]["norm"]["bias"])
+
+    def proj(name, inp):
+        return np.einsum("btc,cnh->btnh", inp, p[name]["kernel"]) + p[name]["bias"]
+
+    null_k = np.broadcast_to(p["null_key"], (B, 1, 2, 8))
+    null_v = np.broadcast_to(p["null_value"], (B, 1, 2, 8))
+    k = np.concatenate([proj("key", xn), null_k, proj("text_key", tn)], axis=1)
+    v = np.concatenate([proj("value", xn), null_v, proj("text_value", tn)], axis=1)
+    full_mask = np.concatenate([np.ones((B, 17), bool), mask], axis=1)
+    attn = _np_attention(proj("query", xn), k, v, full_mask)
+    out = np.einsum("btnh,nhc->btc", attn, p["out"]["kernel"]) + p["out"]["bias"]
+    want = x + out.reshape(x.shape)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_attention_pool_matches_numpy_transcription():
+    rng = np.random.default_rng(5)
+    text = rng.standard_normal((B, L, 16)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
+    pool = AttentionPool(out_dim=12, num_heads=2)
+    params = _perturbed_params(pool, [text, mask], seed=6)
+    got = np.asarray(pool.apply({"params": params}, text, mask))
+    p = jax.tree.map(np.asarray, params)
+    tn = _np_layer_norm(text, p["text_norm"]["norm"]["scale"], p["text_norm"]["norm"]["bias"])
+    counts = np.maximum(mask.sum(1, keepdims=True), 1)[..., None]
+    mean = (tn * mask[..., None]).sum(1, keepdims=True) / counts  # [B, 1, 16]
+    tokens = np.concatenate([mean, tn], axis=1)
+
+    def proj(name, inp):
+        return np.einsum("btc,cnh->btnh", inp, p[name]["kernel"]) + p[name]["bias"]
+
+    k = np.concatenate([np.broadcast_to(p["null_key"], (B, 1, 2, 8)), proj("key", tokens)], 1)
+    v = np.concatenate([np.broadcast_to(p["null_value"], (B, 1, 2, 8)), proj("value", tokens)],
+                       1)
+    full_mask = np.concatenate([np.ones((B, 2), bool), mask], axis=1)
+    attn = _np_attention(proj("query", mean), k, v, full_mask)
+    want = np.einsum("btnh,nhc->btc", attn, p["out"]["kernel"])[:, 0] + p["out"]["bias"]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_sinusoidal_embedding_matches_formula():
+    t = np.array([0.0, 0.1, 0.5, 1.0], np.float32)
+    dim, half = 16, 8
+    freqs = np.exp(-np.log(10_000.0) * np.arange(half) / half)
+    args = 1000.0 * t[:, None] * freqs[None]
+    want = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+    np.testing.assert_allclose(sinusoidal_embedding(jnp.asarray(t), dim), want, rtol=1e-5,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["base", "sr"])
+def test_every_parameter_has_logical_axes(which):
+    model = tiny_base() if which == "base" else tiny_sr()
+    args = _inputs() if which == "base" else _inputs(size=16, lowres=4)
+    abstract = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *args)
+    leaves = jax.tree.leaves(abstract["params"],
+                             is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves
+    for leaf in leaves:
+        assert isinstance(leaf, nn.LogicallyPartitioned), f"unannotated parameter {leaf}"
+        assert len(leaf.names) == leaf.value.ndim
+
+
+def test_sharded_init_and_apply_match_single_device(sr_setup):
+    """FSDP-sharded init on the 8-device mesh; the sharded forward equals the replicated one."""
+    model, args, _ = sr_setup
+    mesh = partitioning.make_mesh(data=2, fsdp=4)
+    rules = partitioning.FSDP_RULES
+    variables, shardings = partitioning.sharded_init(
+        lambda *a: model.init(jax.random.key(0), *a), mesh, rules, *args)
+    kernel = variables["params"]["down_1_res_0"]["conv_0"]["conv"]["kernel"]  # [3,3,32,32]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    params = _perturbed_params(model, args)
+    params = jax.device_put(params, shardings["params"])
+    with mesh, nn.logical_axis_rules(tuple(rules)):
+        sharded = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(params, *args)
+    single = model.apply({"params": jax.device_get(params)}, *args)
+    np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-5)
+
+
+def test_remat_matches_plain(base_setup):
+    model, args, params = base_setup
+    remat_model = model.clone(remat=True)
+
+    def loss(m, p):
+        return jnp.mean(m.apply({"params": p}, *args, train=True) ** 2)
+
+    g_plain = jax.grad(lambda p: loss(model, p))(params)
+    g_remat = jax.jit(jax.grad(lambda p: loss(remat_model, p)))(params)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params(sr_setup):
+    model, args, params = sr_setup
+    bf16 = model.clone(dtype="bfloat16")
+    variables = jax.eval_shape(lambda *a: bf16.init(jax.random.key(0), *a), *args)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.meta.unbox(variables)))
+    out = bf16.apply({"params": params}, *args)
+    ref = model.apply({"params": params}, *args)
+    assert out.dtype == jnp.float32
+    # bf16 has an 8-bit mantissa: agreement to a few percent of the output scale.
+    assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max()) + 1e-3
+
+
+def test_clear_errors_on_bad_inputs(base_setup, sr_setup):
+    model, args, params = base_setup
+    with pytest.raises(ValueError, match="text_embed_dim"):
+        model.apply({"params": params}, args[0], args[1], args[2][..., :8], args[3])
+    with pytest.raises(ValueError, match="lowres=None"):
+        model.apply({"params": params}, *args, lowres=args[0])
+    with pytest.raises(ValueError, match=r"t must be float32 \[B=2\]"):
+        model.apply({"params": params}, args[0], args[1][:1], *args[2:])
+    sr_model, sr_args, sr_params = sr_setup
+    with pytest.raises(ValueError, match="pass lowres"):
+        sr_model.apply({"params": sr_params}, *sr_args[:4])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sr_model.apply({"params": sr_params}, sr_args[0][:, :14, :14], *sr_args[1:])
+
+
+def test_exports():
+    assert isinstance(tiny_base(), BaseUNet) and isinstance(tiny_sr(), EfficientUNet)
