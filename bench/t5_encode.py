@@ -16,7 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
 
-FLAGS = flags.DEFINE_integer("batch_size", 8, "prompts per batch")
+flags.DEFINE_integer("batch_size", 8, "prompts per batch")
 flags.DEFINE_integer("length", 128, "max_length (tokens per prompt, EOS included)")
 flags.DEFINE_string("size", "base", "T5 preset size (small/base/large...)")
 flags.DEFINE_string("variant", "v1_1", "v1_0 (ReLU) or v1_1 (gated GELU)")

@@ -380,9 +380,11 @@ def from_uint8(images: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class CascadeOutput:
-    """Images of every stage that ran (uint8 [N, R, R, 3]), plus the texts and timings."""
+    """Images of every stage that ran (uint8 [N, R, R, 3]; ``float_images``: float32 [-1, 1]),
+    plus the prompt of each image, the seed and wall-clock timings."""
 
     images: list[np.ndarray]
+    float_images: list[np.ndarray]
     prompts: list[str]
     seed: int
     timings: dict[str, float]
@@ -711,9 +713,10 @@ class Cascade:
         if tracker is not None:
             tracker.close()
             timings.update(tracker.stage_seconds())
-        images = [to_uint8(np.asarray(o)[:total]) for o in outs]
+        float_images = [np.asarray(o)[:total] for o in outs]
         return CascadeOutput(
-            images=images,
+            images=[to_uint8(x) for x in float_images],
+            float_images=float_images,
             prompts=[p for p in prompts for _ in range(num_per_prompt)],
             seed=seed,
             timings=timings,

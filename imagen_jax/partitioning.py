@@ -68,7 +68,9 @@ def make_mesh(
     sizes = [data, fsdp, tensor]
     n_fill = sum(1 for s in sizes if s == -1)
     if n_fill > 1:
-        raise ValueError(f"make_mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(
+            f"make_mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
         raise ValueError(
@@ -87,6 +89,15 @@ def make_mesh(
     except Exception:  # noqa: BLE001 - odd topologies: plain reshape is always valid
         device_grid = np.asarray(devices).reshape(sizes)
     return Mesh(device_grid, MESH_AXES)
+
+
+def mesh_context(mesh: Mesh):
+    """Context that makes ``mesh`` current for jit and logical constraints.
+
+    ``jax.set_mesh`` where available: the legacy ``with mesh:`` silently drops
+    ``nn.with_logical_constraint`` inside jit on recent JAX.
+    """
+    return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
 
 
 def logical_specs(abstract_tree: Any) -> Any:
@@ -126,7 +137,6 @@ def sharded_init(
     def _init(*a):
         return nn.meta.unbox(init_fn(*a))
 
-    with mesh:
-        with nn.logical_axis_rules(tuple(rules)):
-            tree = jax.jit(_init, out_shardings=shardings)(*args)
+    with mesh_context(mesh), nn.logical_axis_rules(tuple(rules)):
+        tree = jax.jit(_init, out_shardings=shardings)(*args)
     return tree, shardings

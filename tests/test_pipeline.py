@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -21,9 +17,14 @@ import torch
 from PIL import Image
 
 from imagen_jax.data import pipeline, shapes_tfds
+from tests.test_pipeline_resume import (
+    SHAPES,
+    CharTokenizer,
+    loader,
+    shapes_source,
+    tokens_iterator,
+)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = "imagen_shapes/p32"  # 32 px shapes, prepared by `prepared_data_dir`
 SHAPES_TRAIN = 24
 EDGE = "pipeline_edge_cases"
 
@@ -87,40 +88,6 @@ def _prepare(root: str) -> str:
 def data_dir(tmp_path_factory) -> str:
     """A tfds data_dir with 32 px shapes (24 train / 8 heldout) and the edge-case builder."""
     return _prepare(str(tmp_path_factory.getbasetemp()))
-
-
-class CharTokenizer:
-    """Tiny deterministic tokenizer (bytes + EOS) standing in for T5's in tokens-mode tests."""
-
-    max_length = 24
-
-    def tokenize(self, texts):
-        ids = np.zeros((len(texts), self.max_length), np.int32)
-        for row, text in enumerate(texts):
-            codes = list(text.encode()[: self.max_length - 1]) + [1]
-            ids[row, : len(codes)] = codes
-        return ids, ids > 0
-
-
-def shapes_source(data_dir: str, split: str = "train") -> pipeline.SourceSpec:
-    return pipeline.SourceSpec(name=SHAPES, split=split, data_dir=data_dir)
-
-
-def loader(**kw) -> pipeline.LoaderSpec:
-    kw.setdefault("process_index", 0)
-    kw.setdefault("process_count", 1)
-    kw.setdefault("read_threads", 1)
-    return pipeline.LoaderSpec(**kw)
-
-
-def tokens_iterator(data_dir, stage=None, source=None, **loader_kw) -> pipeline.InputIterator:
-    return pipeline.make_iterator(
-        source or shapes_source(data_dir),
-        stage or pipeline.StageSpec(resolution=32),
-        loader(**loader_kw),
-        pipeline.TextSpec(mode="tokens"),
-        tokenizer=CharTokenizer(),
-    )
 
 
 def raw_examples(data_dir: str, name: str = SHAPES, split: str = "train") -> dict[int, dict]:
@@ -261,55 +228,8 @@ def test_default_host_is_jax_process():
 
 
 # ----------------------------------------------------------------------------------------------
-# Resumption (Must show 3): 7 batches, save, restore in a new process, 3 more == 10 fresh.
+# Checkpointing through orbax (the new-process resume test is in test_pipeline_resume.py).
 # ----------------------------------------------------------------------------------------------
-
-_RESUME_CHILD = textwrap.dedent(
-    """
-    import sys
-    import numpy as np
-    from imagen_jax.data import pipeline
-    from tests.test_pipeline import resume_iterator
-
-    data_dir, state_path, out_path = sys.argv[1:]
-    it = pipeline.restore_state(resume_iterator(data_dir), state_path)
-    batches = pipeline.iterate(it, 3)
-    np.savez(out_path, skipped=np.asarray(it.num_skipped),
-             **{f"{i}_{k}": v for i, b in enumerate(batches) for k, v in b.items()})
-    it.close()
-    """
-)
-
-
-def resume_iterator(data_dir: str) -> pipeline.InputIterator:
-    """The resumed configuration: SR pairs, random crops, 2 worker processes, several epochs
-    (24 examples, batch 5: the 10 batches cross two epoch boundaries)."""
-    stage = pipeline.StageSpec(resolution=16, lowres_resolution=8, source_resolution=32,
-                               crop="random")
-    return tokens_iterator(data_dir, stage, batch_size=5, seed=11, worker_count=2,
-                           worker_buffer_size=1)
-
-
-def test_resume_in_new_process_matches_uninterrupted(data_dir, tmp_path):
-    fresh = resume_iterator(data_dir)
-    want = pipeline.iterate(fresh, 10)
-    fresh.close()
-    first = resume_iterator(data_dir)
-    got = pipeline.iterate(first, 7)
-    for a, b in zip(got, want):
-        assert all(np.array_equal(a[k], b[k]) for k in b)
-    state_path = str(tmp_path / "iterator_state.json")
-    pipeline.save_state(first, state_path)
-    first.close()
-    json.loads(open(state_path).read())  # plain JSON: what grain's orbax handler writes too
-    out = tmp_path / "resumed.npz"
-    env = dict(os.environ, PYTHONPATH=REPO)
-    subprocess.run([sys.executable, "-c", _RESUME_CHILD, data_dir, state_path, str(out)],
-                   cwd=REPO, env=env, check=True, timeout=240)
-    resumed = np.load(out)
-    for i, b in enumerate(want[7:]):
-        for k, v in b.items():
-            np.testing.assert_array_equal(resumed[f"{i}_{k}"], v, err_msg=f"batch {7 + i} {k}")
 
 
 def test_orbax_checkpoints_the_iterator(data_dir, tmp_path):
@@ -348,7 +268,7 @@ def test_unknown_dataset_split_and_feature(data_dir):
         make(name="no_such_dataset")
     with pytest.raises(pipeline.DataError, match="not prepared"):
         make(name="mnist")  # registered with tfds, never prepared here: nothing downloads
-    with pytest.raises(pipeline.DataError, match=r"no split 'validation'; it has \['heldout'"):
+    with pytest.raises(pipeline.DataError, match=r"no split 'validation'; it has \['train', 'heldout'\]"):
         make(name=SHAPES, split="validation")
     with pytest.raises(pipeline.DataError, match=r"no feature 'text' \(SourceSpec.caption_feature"):
         make(name=SHAPES, caption_feature="text")

@@ -1,4 +1,4 @@
-"""The shapes generator: determinism, grammar round trip, held-out split, rendering, tfds builder."""
+"""The shapes generator: determinism, caption grammar, held-out split, rendering, tfds."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def test_sampled_scenes_stay_inside_their_split(split):
 
 
 def _reference_render(scene: shapes.Scene, resolution: int, factor: int = 8) -> np.ndarray:
-    """Independent transcription: hard point-in-shape tests (matplotlib) at `factor`x, box filter."""
+    """Independent reference: hard point-in-shape tests (matplotlib) at `factor`x, box filter."""
     n = resolution * factor
     centres = (np.arange(n) + 0.5) / n
     xs, ys = np.meshgrid(centres, centres)

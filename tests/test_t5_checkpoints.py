@@ -158,3 +158,19 @@ def test_vocabulary_larger_than_embedding_table(tmp_path):
     big = write_random_t5(str(tmp_path / "big"), texts=drawbench_prompts(), vocab_size=512)
     with pytest.raises(VocabularyError, match="512 pieces .* 128 rows"):
         load_t5(small, vocab=os.path.join(big, "spiece.model"))
+
+
+def test_bfloat16_safetensors(hf_v11, tmp_path):
+    """bf16 checkpoints (common for T5-XXL) load although safetensors' numpy API rejects bf16."""
+    import ml_dtypes
+
+    weights = load_file(os.path.join(hf_v11, "model.safetensors"))
+    bf16_dir = _copy(hf_v11, tmp_path / "bf16", skip=("model.safetensors",))
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as save_torch
+
+    save_torch({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in weights.items()},
+               os.path.join(bf16_dir, "model.safetensors"))
+    enc = load_t5(bf16_dir)
+    expected = weights["shared.weight"].astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(enc.params["token_embedder"]), expected)

@@ -46,6 +46,11 @@ def test_sharded_matches_single_device(ckpt):
     np.testing.assert_allclose(np.asarray(emb_sharded), np.asarray(emb_single), atol=1e-5)
     assert sharded.fingerprint == single.fingerprint
 
+    # The trainer calls encode inside its own jitted step (on-the-fly text encoding).
+    ids, mask = sharded.tokenize(prompts)
+    in_jit = jax.jit(lambda i, m: sharded.encode(i, m) + single.encode(i, m))(ids, mask)
+    np.testing.assert_allclose(np.asarray(in_jit), 2 * np.asarray(emb_single), atol=2e-5)
+
 
 def test_xxl_parameter_count_without_allocation():
     cfg = t5_preset("xxl", "v1_1")

@@ -29,12 +29,20 @@ def _inputs(seed=0, size=SIZE, lowres=None):
 
 
 def _perturbed_params(model, args, seed=1):
-    """Init, then perturb every parameter so zero-initialised outputs are not trivially zero."""
-    params = nn.meta.unbox(model.init(jax.random.key(0), *args))["params"]
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, leaves)
+    """Init, then perturb every parameter so zero-initialised outputs are not trivially zero.
+
+    Jitted: eager init dispatches thousands of tiny ops, slow on a shared CPU.
+    """
+
+    @jax.jit
+    def init(key, *a):
+        params = nn.meta.unbox(model.init(jax.random.key(0), *a))["params"]
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(key, len(leaves))
+        leaves = [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+        return jax.tree.unflatten(treedef, leaves)
+
+    return init(jax.random.key(seed), *args)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +61,8 @@ def sr_setup():
 
 def test_zero_init_output_and_shapes(base_setup, sr_setup):
     for model, args, _ in (base_setup, sr_setup):
-        variables = model.init(jax.random.key(0), *args)
-        out = model.apply(variables, *args)
+        variables = jax.jit(model.init)(jax.random.key(0), *args)
+        out = jax.jit(model.apply)(variables, *args)
         assert out.shape == args[0].shape and out.dtype == jnp.float32
         # The output conv is zero-initialised: an untrained model predicts eps = 0.
         np.testing.assert_array_equal(np.asarray(out), 0.0)
@@ -112,7 +120,7 @@ def test_attention_block_matches_numpy_transcription():
     mask = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0]], bool)  # example 1: unconditional
     block = AttentionBlock(head_dim=8, num_groups=4)
     params = _perturbed_params(block, [x, text, mask], seed=4)
-    got = np.asarray(block.apply({"params": params}, x, text, mask))
+    got = np.asarray(jax.jit(block.apply)({"params": params}, x, text, mask))
 
     p = jax.tree.map(np.asarray, params)
     xn = _np_group_norm(x, 4, p["norm"]["norm"]["scale"], p["norm"]["norm"]["bias"])
@@ -139,7 +147,7 @@ def test_attention_pool_matches_numpy_transcription():
     mask = np.array([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
     pool = AttentionPool(out_dim=12, num_heads=2)
     params = _perturbed_params(pool, [text, mask], seed=6)
-    got = np.asarray(pool.apply({"params": params}, text, mask))
+    got = np.asarray(jax.jit(pool.apply)({"params": params}, text, mask))
     p = jax.tree.map(np.asarray, params)
     tn = _np_layer_norm(text, p["text_norm"]["norm"]["scale"], p["text_norm"]["norm"]["bias"])
     counts = np.maximum(mask.sum(1, keepdims=True), 1)[..., None]
@@ -194,7 +202,7 @@ def test_sharded_init_and_apply_match_single_device(sr_setup):
     params = jax.device_put(params, shardings["params"])
     with mesh, nn.logical_axis_rules(tuple(rules)):
         sharded = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(params, *args)
-    single = model.apply({"params": jax.device_get(params)}, *args)
+    single = jax.jit(model.apply)({"params": jax.device_get(params)}, *args)
     np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-5)
 
 
@@ -205,7 +213,7 @@ def test_remat_matches_plain(base_setup):
     def loss(m, p):
         return jnp.mean(m.apply({"params": p}, *args, train=True) ** 2)
 
-    g_plain = jax.grad(lambda p: loss(model, p))(params)
+    g_plain = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
     g_remat = jax.jit(jax.grad(lambda p: loss(remat_model, p)))(params)
     for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -216,8 +224,8 @@ def test_bfloat16_compute_keeps_float32_params(sr_setup):
     bf16 = model.clone(dtype="bfloat16")
     variables = jax.eval_shape(lambda *a: bf16.init(jax.random.key(0), *a), *args)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.meta.unbox(variables)))
-    out = bf16.apply({"params": params}, *args)
-    ref = model.apply({"params": params}, *args)
+    out = jax.jit(bf16.apply)({"params": params}, *args)
+    ref = jax.jit(model.apply)({"params": params}, *args)
     assert out.dtype == jnp.float32
     # bf16 has an 8-bit mantissa: agreement to a few percent of the output scale.
     assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max()) + 1e-3

@@ -560,6 +560,12 @@ def build_dataset(
     )
     batches = _SkippingBatch(ds.to_iter_dataset(read), loader.batch_size)
     if loader.worker_count > 0:
+        # grain's worker processes read absl flags; outside an absl app (tests, notebooks)
+        # nothing has parsed them, so take the defaults instead of crashing.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=loader.worker_count, per_worker_buffer_size=loader.worker_buffer_size

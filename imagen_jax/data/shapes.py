@@ -373,24 +373,22 @@ def sample_scene(split: str, index: int, seed: int = 0, spec: SceneSpec | None =
 
 
 def _polygon_signed_distance(px: np.ndarray, py: np.ndarray, verts: np.ndarray) -> np.ndarray:
-    """Signed distance from points (px, py) [...] to a closed polygon (negative inside)."""
-    a = verts.astype(np.float32)
-    b = np.roll(a, -1, axis=0)
-    dist2 = np.full(px.shape, np.inf, dtype=np.float32)
-    inside = np.zeros(px.shape, dtype=bool)
-    for (ax, ay), (bx, by) in zip(a, b):
-        ex, ey = bx - ax, by - ay
-        wx, wy = px - ax, py - ay
-        t = np.clip((wx * ex + wy * ey) / (ex * ex + ey * ey), 0.0, 1.0)
-        dx, dy = wx - t * ex, wy - t * ey
-        np.minimum(dist2, dx * dx + dy * dy, out=dist2)
-        # Even-odd rule: toggle for each edge a horizontal ray from the point crosses.
-        crosses = (ay > py) != (by > py)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x_at = ax + (py - ay) * ex / (ey if ey != 0 else 1.0)
-        inside ^= crosses & (px < x_at)
-    dist = np.sqrt(dist2)
+    """Signed distance from points (px, py) [h, w] to a closed polygon [K, 2] (negative inside)."""
+    a = verts.astype(np.float32)  # [K, 2] edge starts
+    e = np.roll(a, -1, axis=0) - a  # [K, 2] edge vectors
+    wx, wy = px[..., None] - a[:, 0], py[..., None] - a[:, 1]  # [h, w, K]
+    t = np.clip((wx * e[:, 0] + wy * e[:, 1]) / (e * e).sum(-1), 0.0, 1.0)
+    dx, dy = wx - t * e[:, 0], wy - t * e[:, 1]
+    dist = np.sqrt((dx * dx + dy * dy).min(axis=-1))
+    # Even-odd rule: inside iff a horizontal ray from the point crosses an odd number of edges.
+    crosses = (wy >= 0) != (wy >= e[:, 1])  # the edge spans the point's y
+    ey = np.where(e[:, 1] == 0, 1.0, e[:, 1]).astype(np.float32)
+    left_of_edge = wx < wy * e[:, 0] / ey
+    inside = (crosses & left_of_edge).sum(axis=-1) % 2 == 1
     return np.where(inside, -dist, dist)
+
+
+_SDF_BLOCK_ELEMENTS = 1 << 16
 
 
 def shape_coverage(
@@ -414,8 +412,14 @@ def shape_coverage(
     if verts is None:
         sd = np.sqrt(px * px + py * py) - CIRCLE_RADIUS * r_px
     else:
-        px, py = np.broadcast_to(px, (y1 - y0, x1 - x0)), np.broadcast_to(py, (y1 - y0, x1 - x0))
-        sd = _polygon_signed_distance(px, py, verts * r_px)
+        # Row blocks keep the [rows, w, K] temporaries cache-sized (~4x faster at 1024 px).
+        step = max(1, _SDF_BLOCK_ELEMENTS // (px.size * len(verts)))
+        sd = np.concatenate(
+            [
+                _polygon_signed_distance(px, py[i : i + step], verts * r_px)
+                for i in range(0, py.shape[0], step)
+            ]
+        )
     return np.clip(0.5 - sd, 0.0, 1.0).astype(np.float32), (y0, y1, x0, x1)
 
 
@@ -424,16 +428,19 @@ def render(scene: Scene, resolution: int, spec: SceneSpec | None = None) -> np.n
     if not isinstance(resolution, int | np.integer) or resolution < 8:
         raise ValueError(f"resolution must be an int >= 8, got {resolution!r}")
     spec = spec or DEFAULT_SPEC
-    canvas = np.empty((resolution, resolution, 3), np.float32)
+    canvas = np.empty((resolution, resolution, 3), np.uint8)
     canvas[:] = BACKGROUNDS[scene.background]
     for obj in scene.objects:
         alpha, (y0, y1, x0, x1) = shape_coverage(
             obj.shape, obj.x, obj.y, spec.radius(obj.size), resolution
         )
-        patch = canvas[y0:y1, x0:x1]
+        # Float maths on the object's box only; objects never overlap, so rounding each box in
+        # turn equals compositing everything in float and rounding once.
+        patch = canvas[y0:y1, x0:x1].astype(np.float32)
         colour = np.asarray(COLOURS[obj.colour], np.float32)
         patch += alpha[..., None] * (colour - patch)  # alpha compositing over the background
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+        canvas[y0:y1, x0:x1] = np.clip(np.rint(patch), 0, 255).astype(np.uint8)
+    return canvas
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from imagen_jax.data import shapes
 
@@ -105,15 +106,9 @@ class ImagenShapes(tfds.core.GeneratorBasedBuilder):
                     "colour": tfds.features.Tensor(shape=(shapes.MAX_OBJECTS,), dtype=np.int64),
                     "shape": tfds.features.Tensor(shape=(shapes.MAX_OBJECTS,), dtype=np.int64),
                     "size": tfds.features.Tensor(shape=(shapes.MAX_OBJECTS,), dtype=np.int64),
-                    "center": tfds.features.Tensor(
-                        shape=(shapes.MAX_OBJECTS, 2), dtype=np.float32
-                    ),
-                    "position": tfds.features.ClassLabel(
-                        names=(*shapes.POSITIONS, shapes.NONE)
-                    ),
-                    "relation": tfds.features.ClassLabel(
-                        names=(*shapes.RELATIONS, shapes.NONE)
-                    ),
+                    "center": tfds.features.Tensor(shape=(shapes.MAX_OBJECTS, 2), dtype=np.float32),
+                    "position": tfds.features.ClassLabel(names=(*shapes.POSITIONS, shapes.NONE)),
+                    "relation": tfds.features.ClassLabel(names=(*shapes.RELATIONS, shapes.NONE)),
                 }
             ),
             supervised_keys=("image", "caption"),
@@ -132,13 +127,17 @@ class ImagenShapes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict]]:
         cfg = self.builder_config
         for index in range(num):
-            yield index, shapes.example(split, index, cfg.resolution, cfg.seed)
+            record = shapes.example(split, index, cfg.resolution, cfg.seed)
+            # A PIL image is PNG-encoded by PIL; a numpy array would go through a TF graph
+            # (slower per image, and it imports TensorFlow only to encode).
+            record["image"] = Image.fromarray(record["image"])
+            yield index, record
 
 
 def prepare(
     config: str | ShapesConfig, data_dir: str, file_format: str = FILE_FORMAT
 ) -> ImagenShapes:
-    """Renders and writes ``imagen_shapes/<config>`` into ``data_dir`` (a no-op if already there)."""
+    """Renders and writes ``imagen_shapes/<config>`` into ``data_dir`` (no-op if already done)."""
     if isinstance(config, str) and config not in {c.name for c in CONFIGS}:
         raise ValueError(
             f"unknown imagen_shapes config {config!r}; choose one of "

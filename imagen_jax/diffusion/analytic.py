@@ -9,6 +9,8 @@ distribution up to its discretisation error.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -58,19 +60,24 @@ class GaussianMixture1D:
 
     def posterior_means(self, x_t: Array, alpha: Array, sigma: Array) -> tuple[Array, Array]:
         """(E[x0 | x_t], E[eps | x_t]) elementwise; alpha, sigma broadcast against x_t."""
-        x = x_t[..., None]  # [..., K]
-        a, s_ = alpha[..., None], sigma[..., None]
-        mu, std = jnp.asarray(self.means, x.dtype), jnp.asarray(self.stds, x.dtype)
-        var = a**2 * std**2 + s_**2  # marginal variance of x_t given component k
-        resid = x - a * mu
-        log_resp = jnp.log(jnp.asarray(self.weights, x.dtype)) - 0.5 * (
-            jnp.log(var) + resid**2 / var
-        )
-        resp = jax.nn.softmax(log_resp, axis=-1)
-        # Per component: E[x0|x_t,k] = mu + a s^2 / var * resid, E[eps|x_t,k] = sigma resid / var
-        # (written separately, not eps = (x_t - a x0) / sigma, to stay exact as sigma -> 0).
-        x0 = jnp.sum(resp * (mu + a * std**2 / var * resid), axis=-1)
-        eps = jnp.sum(resp * (s_ * resid / var), axis=-1)
+        # Components are a static Python loop (K is tiny): a trailing [..., K] axis would
+        # defeat vectorisation over the pixels.
+        log_resp, x0_k, eps_k = [], [], []
+        for w, mu, std in zip(self.weights, self.means, self.stds):
+            var = alpha**2 * std**2 + sigma**2  # variance of x_t given the component
+            resid = x_t - alpha * mu
+            log_resp.append(math.log(w) - 0.5 * (jnp.log(var) + resid**2 / var))
+            # E[x0|x_t,k] = mu + a s^2 / var * resid and E[eps|x_t,k] = sigma resid / var,
+            # written separately (not eps = (x_t - a x0) / sigma) to stay exact as sigma -> 0.
+            x0_k.append(mu + alpha * std**2 / var * resid)
+            eps_k.append(sigma * resid / var)
+        if len(log_resp) == 1:
+            return x0_k[0], eps_k[0]
+        top = functools.reduce(jnp.maximum, log_resp)
+        resp = [jnp.exp(lr - top) for lr in log_resp]
+        norm = sum(resp)
+        x0 = sum(r * v for r, v in zip(resp, x0_k)) / norm
+        eps = sum(r * v for r, v in zip(resp, eps_k)) / norm
         return x0, eps
 
     def model_fn(

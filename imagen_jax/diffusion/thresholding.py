@@ -3,7 +3,9 @@
 * static: clip x0_hat to [-1, 1];
 * dynamic: per sample, s = the p-th percentile of |x0_hat| over that sample's pixels; if s > 1,
   clip x0_hat to [-s, s] and divide by s (p = 99.5, Fig. A.10). This pushes saturated pixels
-  inwards, which is what lets large guidance weights produce photorealistic images.
+  inwards, which is what lets large guidance weights produce photorealistic images. As in the
+  paper's pseudo-code (Fig. A.10: ``s = max(s, 1); x0 = clip(x0, -s, s) / s``), a sample with
+  s <= 1 is still clipped to [-1, 1], so the output always lies in [-1, 1].
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ def per_sample_percentile(x: Array, percentile: float) -> Array:
 def dynamic_threshold(x0: Array, percentile: float = DEFAULT_PERCENTILE) -> Array:
     """Imagen's dynamic thresholding of x0 [B, ...], per sample (Sec. 2.3, p = 99.5).
 
-    s = max(1, percentile_p |x0[b]|); returns clip(x0[b], -s, s) / s. Computed in float32 and
-    returned in x0's dtype. Samples whose percentile is <= 1 are returned unchanged.
+    s = max(1, percentile_p |x0[b]|); returns clip(x0[b], -s, s) / s (the paper's pseudo-code,
+    Fig. A.10; a sample with s <= 1 is only clipped to [-1, 1]). Computed in float32, returned
+    in x0's dtype.
     """
     if x0.ndim < 2:
         raise ValueError(

@@ -292,6 +292,16 @@ class SampleStore:
             with open(path, "w") as f:
                 json.dump(manifest, f, indent=1)
 
+    @classmethod
+    def open(cls, directory: str) -> SampleStore:
+        """Reopens an existing store with its recorded settings (to read it)."""
+        path = os.path.join(directory, "manifest.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{directory!r} is not a sample store (no manifest.json)")
+        with open(path) as f:
+            m = json.load(f)
+        return cls(directory, chunk_size=m["chunk_size"], seed=m["seed"], settings=m["settings"])
+
     def _chunk_path(self, i: int) -> str:
         return os.path.join(self.directory, f"chunk_{i:06d}.npz")
 

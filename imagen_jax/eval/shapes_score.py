@@ -59,12 +59,14 @@ class ScorerConfig:
         (noise, anti-aliasing of other colours) from counting as objects.
       min_iou: ... and only if its best-fitting outline overlaps it with at least this soft IoU
         (ground truth fits at > 0.9; specks of pixel noise form no shape and fit far worse).
+      min_fit_resolution: coarsest level of the outline-fit pyramid (see ``_fit_shape``).
       spec: the generator geometry the images were drawn with.
     """
 
     analysis_resolution: int = 128
     min_area_frac: float = 0.35
     min_iou: float = 0.4
+    min_fit_resolution: int = 32
     spec: shapes.SceneSpec = shapes.DEFAULT_SPEC
 
 
@@ -138,10 +140,20 @@ def _background(image: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)  # [3]
 
 
+def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.minimum(a, b).sum() / max(float(np.maximum(a, b).sum()), 1e-9))
+
+
 def _fit_shape(
     alpha: np.ndarray, cfg: ScorerConfig
 ) -> tuple[str, float, float, float, float] | None:
-    """Best generator outline for a coverage map: (shape, radius, x, y, iou) or None if empty."""
+    """Best generator outline for a coverage map: (shape, radius, x, y, iou) or None if empty.
+
+    The IoU of each candidate is averaged over the analysis resolution and its box-filtered
+    halvings down to ``cfg.min_fit_resolution``: an image upsampled from a low-resolution stage
+    (blocky or blurred rims) is judged at the scale its detail actually has, while a sharp image
+    still profits from its fine outline.
+    """
     res = alpha.shape[0]
     area = float(alpha.sum())
     if area <= 0:
@@ -150,16 +162,24 @@ def _fit_shape(
     cx = float((alpha * (xs + 0.5)).sum() / area) / res
     cy = float((alpha * (ys + 0.5)).sum() / area) / res
     area_frac = area / res**2
+    pyramid = [alpha]  # [n, n] coverage maps, n halving
+    while pyramid[-1].shape[0] % 2 == 0 and pyramid[-1].shape[0] // 2 >= cfg.min_fit_resolution:
+        n = pyramid[-1].shape[0] // 2
+        pyramid.append(pyramid[-1].reshape(n, 2, n, 2).mean(axis=(1, 3)))
     best = None
     for shape, (unit_area, centroid) in _SHAPE_GEOMETRY.items():
-        radius = np.sqrt(area_frac / unit_area)
+        radius = float(np.sqrt(area_frac / unit_area))
         ox, oy = cx - centroid[0] * radius, cy - centroid[1] * radius
-        cov, (y0, y1, x0, x1) = shapes.shape_coverage(shape, ox, oy, radius, res)
-        template = np.zeros_like(alpha)
-        template[y0:y1, x0:x1] = cov
-        iou = float(np.minimum(alpha, template).sum() / np.maximum(alpha, template).sum())
+        ious = []
+        for level in pyramid:
+            n = level.shape[0]
+            cov, (y0, y1, x0, x1) = shapes.shape_coverage(shape, ox, oy, radius, n)
+            template = np.zeros_like(level)
+            template[y0:y1, x0:x1] = cov
+            ious.append(_soft_iou(level, template))
+        iou = float(np.mean(ious))
         if best is None or iou > best[4]:
-            best = (shape, float(radius), ox, oy, iou)
+            best = (shape, radius, ox, oy, iou)
     return best
 
 

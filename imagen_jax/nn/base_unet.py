@@ -98,7 +98,8 @@ class BaseUNet(nn.Module):
                                                                          text_mask)
 
         h = constrain_image(x.astype(dtype))
-        h = Conv(self.channels * self.channel_mult[0], 3, name="conv_in", **kw)(h)
+        h = Conv(self.channels * self.channel_mult[0], 3, channel_axes=(None, "conv_out"),
+                 name="conv_in", **kw)(h)
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
             ch = self.channels * mult
@@ -137,5 +138,6 @@ class BaseUNet(nn.Module):
 
         h = nn.swish(GroupNorm(self.num_groups, param_dtype, name="norm_out")(h))
         # Zero-initialised output: the untrained model predicts 0 (the mean of eps).
-        out = Conv(self.out_channels, 3, zero_init=True, name="conv_out", **kw)(h)
+        out = Conv(self.out_channels, 3, zero_init=True,
+                   channel_axes=("conv_in", None), name="conv_out", **kw)(h)
         return constrain_image(out.astype(jnp.float32))

@@ -125,7 +125,8 @@ class EfficientUNet(nn.Module):
         lowres_up = jax.image.resize(lowres.astype(jnp.float32),
                                      (b, height, width, lowres.shape[-1]), self.resize_method)
         h = jnp.concatenate([x.astype(jnp.float32), lowres_up], axis=-1).astype(dtype)
-        h = Conv(self.stem_channels, 3, name="conv_in", **kw)(constrain_image(h))
+        h = Conv(self.stem_channels, 3, channel_axes=(None, "conv_out"), name="conv_in",
+                 **kw)(constrain_image(h))
         stem = h
 
         skips = []
@@ -148,5 +149,6 @@ class EfficientUNet(nn.Module):
 
         h = jnp.concatenate([h, stem * self.skip_scale], axis=-1)
         h = nn.swish(GroupNorm(self.num_groups, param_dtype, name="norm_out")(h))
-        out = Conv(self.out_channels, 3, zero_init=True, name="conv_out", **kw)(h)
+        out = Conv(self.out_channels, 3, zero_init=True,
+                   channel_axes=("conv_in", None), name="conv_out", **kw)(h)
         return constrain_image(out.astype(jnp.float32))

@@ -66,6 +66,9 @@ class Conv(nn.Module):
     kernel_size: int = 3
     strides: int = 1
     zero_init: bool = False
+    # Logical names of the kernel's (input, output) channel axes. The image-facing convs use
+    # None on their 3-channel side: it cannot be split over a mesh axis.
+    channel_axes: tuple[str | None, str | None] = ("conv_in", "conv_out")
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -80,9 +83,9 @@ class Conv(nn.Module):
             padding="SAME",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                kernel_init, (None, None, "conv_in", "conv_out")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+            kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, *self.channel_axes)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                   (self.channel_axes[1],)),
             name="conv",
         )(x)
 

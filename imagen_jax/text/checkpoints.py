@@ -89,6 +89,27 @@ _LAYER = re.compile(r"layers_(\d+)/(.*)")
 
 
 # ----------------------------------------------------------------------------- Hugging Face
+def _read_safetensors_raw(path: str, key: str) -> np.ndarray:
+    """Reads one tensor by parsing the safetensors header (u64 length + JSON) ourselves.
+
+    Used for dtypes the numpy backend of ``safetensors`` rejects (BF16 checkpoints).
+    """
+    import ml_dtypes
+
+    dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
+    with open(path, "rb") as f:
+        (header_len,) = np.frombuffer(f.read(8), "<u8")
+        header = json.loads(f.read(int(header_len)))
+        info = header[key]
+        if info["dtype"] not in dtypes:
+            raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        f.seek(8 + int(header_len) + begin)
+        data = f.read(end - begin)
+    return np.frombuffer(data, dtypes[info["dtype"]]).reshape(info["shape"])
+
+
+
 class HFSource:
     """A Hugging Face T5 directory: ``config.json`` + ``model.safetensors`` (or sharded + index).
 
@@ -131,7 +152,11 @@ class HFSource:
     def _get(self, *keys: str) -> np.ndarray:
         for key in keys:
             if key in self._key_to_file:
-                return self._handles[self._key_to_file[key]].get_tensor(key)
+                fname = self._key_to_file[key]
+                try:
+                    return self._handles[fname].get_tensor(key)
+                except TypeError:  # safetensors' numpy backend has no bfloat16
+                    return _read_safetensors_raw(os.path.join(self.path, fname), key)
         raise CheckpointError(
             f"{self.path}: tensor {keys[0]!r} missing from the safetensors files; is this a T5 "
             "checkpoint whose config.json matches its weights?"
@@ -272,8 +297,7 @@ class T5XSource:
         cfg = self.config
         if name == "token_embedder":
             return self._get("token_embedder/embedding")
-        if name.endswith("/attention/query") or name.endswith("/attention/key") or \
-                name.endswith("/attention/value"):
+        if name.endswith(("/attention/query", "/attention/key", "/attention/value")):
             w = self._get(f"encoder/{name}/kernel")
             return w.reshape(cfg.d_model, cfg.num_heads, cfg.d_kv)
         if name.endswith("/attention/out"):

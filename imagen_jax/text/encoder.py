@@ -103,8 +103,11 @@ class TextEncoder:
         if pad:  # all-False rows: finite, zeroed outputs, cut off below
             ids = jnp.pad(ids, ((0, pad), (0, 0)))
             mask = jnp.pad(mask, ((0, pad), (0, 0)))
-        if self.mesh is None:
-            out = self._apply(self.params, ids, mask)
+        if self.mesh is None or isinstance(ids, jax.core.Tracer):
+            # Inside a caller's jit the mesh context is the caller's (set_mesh is not allowed
+            # under jit); the in/out shardings still place the computation.
+            with nn.logical_axis_rules(self.rules):
+                out = self._apply(self.params, ids, mask)
         else:
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
                 out = self._apply(self.params, ids, mask)

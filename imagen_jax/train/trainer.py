@@ -286,10 +286,10 @@ def train(
     ids_sharding = partitioning.batch_sharding(mesh, 2)
     step_fn = make_train_step(stage, tx, lr_schedule, step_config, mesh, rules)
     with mesh:
-        train_step = jit_train_step(step_fn, state_shardings, shardings, mesh)
-        compiled = train_step.lower(abstract_state, batch_specs).compile()
+        train_step = jit_train_step(step_fn, state_shardings, shardings, mesh).lower(
+            abstract_state, batch_specs).compile()
     # cost_analysis describes one device's SPMD program.
-    flops_per_step = metrics_lib.compiled_flops(compiled)
+    flops_per_step = metrics_lib.compiled_flops(train_step)
     if flops_per_step is not None:
         flops_per_step *= mesh.size
 
