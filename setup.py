@@ -21,6 +21,7 @@ DATA = [
     "tensorflow-datasets>=4.9.7",
     "grain>=0.2.10",
     "array-record>=0.7",
+    "importlib_resources>=6.0",  # tfds needs it to prepare datasets but does not declare it
 ]
 # Reference implementations the tests and benchmarks compare against. torch/torchvision are the
 # builds that lie on this machine's disk (see /work/.library/env); imagen-pytorch, pytorch-fid

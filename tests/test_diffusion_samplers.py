@@ -57,7 +57,8 @@ def np_mixture_prediction(mix, x, t, prediction):
 
 def two_datasets_model(prediction):
     """First half of the batch: GAUSSIAN data, second half: MIXTURE data (one compile)."""
-    gauss_fn, mix_fn = GAUSSIAN.model_fn(SCHEDULE, prediction), MIXTURE.model_fn(SCHEDULE, prediction)
+    gauss_fn = GAUSSIAN.model_fn(SCHEDULE, prediction)
+    mix_fn = MIXTURE.model_fn(SCHEDULE, prediction)
 
     def model_fn(x, t):
         h = x.shape[0] // 2
@@ -209,8 +210,8 @@ def test_trajectories_match_diffusers(sampler, prediction):
 
 
 def guided_pair(weight):
-    """Conditional data MIXTURE vs unconditional data N(0, 0.6^2): JAX and numpy versions."""
-    uncond = D.GaussianMixture1D(weights=(1.0,), means=(0.0,), stds=(0.6,))
+    """Conditional data MIXTURE vs unconditional data N(-0.2, 0.35^2): JAX and numpy versions."""
+    uncond = D.GaussianMixture1D(weights=(1.0,), means=(-0.2,), stds=(0.35,))
 
     def jax_model_2b(prediction):
         cond_fn, uncond_fn = MIXTURE.model_fn(SCHEDULE, prediction), uncond.model_fn(SCHEDULE,
@@ -294,13 +295,17 @@ def test_guidance_10_dynamic_threshold_stays_in_range_none_saturates(sampler):
     jax_model_2b, _ = guided_pair(10.0)
     model_fn = D.guided_model_fn(jax_model_2b("eps"), 10.0)
     kw = dict(schedule=SCHEDULE, sampler=sampler, num_steps=25, prediction="eps")
-    rng = jax.random.PRNGKey(3)
-    shape = (4, 16, 16, 3)
+    rng, shape = jax.random.PRNGKey(3), (4, 16, 16, 3)
     raw = np.asarray(D.sample(model_fn, shape, rng, thresholding="none", **kw))
     dyn = np.asarray(D.sample(model_fn, shape, rng, thresholding="dynamic", **kw))
-    assert np.abs(raw).max() > 3.0 and (np.abs(raw) > 1).mean() > 0.5  # saturates badly
+    # No thresholding: the guided x0 overshoots, (nearly) every pixel leaves [-1, 1].
+    assert np.abs(raw).max() > 3.0 and (np.abs(raw) > 1).mean() > 0.9
+    # Dynamic: inside [-1, 1], only ~0.5% of pixels (100 - p) at the boundary, detail kept.
     assert np.abs(dyn).max() <= 1.0
-    assert dyn.std() > 0.1 and (np.abs(dyn) > 0.999).mean() < 0.05  # in range, not collapsed
+    assert (np.abs(dyn) > 0.999).mean() < 0.02 and dyn.std() > 2 * raw.std()
+    if sampler == "ddim":  # static clipping stays in range by saturating (Imagen Sec. 2.3)
+        static = np.asarray(D.sample(model_fn, shape, rng, thresholding="static", **kw))
+        assert np.abs(static).max() <= 1.0 and (np.abs(static) > 0.999).mean() > 0.5
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,14 +333,17 @@ def test_jaxpr_has_one_loop_and_one_batched_model_call(sampler):
 
     @jax.jit
     def analytic_unet_2b(x2, t2):  # a named pjit we can find in the jaxpr
-        traced_calls.append(x2.shape)
         return jnp.concatenate(
             [MIXTURE.model_fn(SCHEDULE)(x2[:batch], t2[:batch]),
              GAUSSIAN.model_fn(SCHEDULE)(x2[batch:], t2[batch:])]
         )
 
+    def model_fn_2b(x2, t2):  # Python-level call counter (runs at trace time only)
+        traced_calls.append(x2.shape)
+        return analytic_unet_2b(x2, t2)
+
     def program(rng, num_steps):
-        return D.sample(D.guided_model_fn(analytic_unet_2b, 7.5), (batch, 8, 8, 3), rng,
+        return D.sample(D.guided_model_fn(model_fn_2b, 7.5), (batch, 8, 8, 3), rng,
                         schedule=SCHEDULE, sampler=sampler, num_steps=num_steps,
                         thresholding="dynamic")
 
@@ -351,7 +359,7 @@ def test_jaxpr_has_one_loop_and_one_batched_model_call(sampler):
         assert calls[0].invars[0].aval.shape == (2 * batch, 8, 8, 3)  # cond + uncond batched
         sizes.append(len(eqns))
     assert sizes[0] == sizes[1]  # the program does not grow with num_steps
-    assert traced_calls == [(2 * batch, 8, 8, 3)] * 2  # traced once per program
+    assert traced_calls == [(2 * batch, 8, 8, 3)] * 2  # one call per traced program
 
     # The lowered program: a single while loop (scan) in the StableHLO.
     lowered = jax.jit(lambda r: program(r, 50)).lower(jax.random.PRNGKey(0)).as_text()

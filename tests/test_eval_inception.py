@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from unittest import mock
 
 import numpy as np
@@ -12,12 +13,14 @@ from imagen_jax.eval import inception
 from imagen_jax.eval.weights import load_state_dict
 
 
+@functools.lru_cache(maxsize=1)
 def build_reference_inception(seed: int = 0):
     """pytorch-fid's FID InceptionV3 with random weights, built without any download.
 
     Returns (wrapper, published-format state dict). ``fid_inception_v3`` fetches the TF-ported
     weights; we patch the fetch and the load so the network keeps random weights, and capture
     the inner torchvision module to get the published file's (torchvision) key names.
+    Cached: the eval test modules share one network (building it is a few CPU seconds).
     """
     import torchvision
     from pytorch_fid import inception as pfi

@@ -86,7 +86,7 @@ def test_launcher_sweep_defaults_to_shapes_adherence(tmp_path, capsys):
 
 
 def test_launcher_fid_end_to_end_matches_torch_features(tmp_path):
-    model, sd = build_reference_inception(seed=1)
+    model, sd = build_reference_inception()
     weights = str(tmp_path / "inception.pth")
     torch.save(sd, weights)
     ref_dir = tmp_path / "ref"

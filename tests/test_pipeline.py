@@ -268,7 +268,8 @@ def test_unknown_dataset_split_and_feature(data_dir):
         make(name="no_such_dataset")
     with pytest.raises(pipeline.DataError, match="not prepared"):
         make(name="mnist")  # registered with tfds, never prepared here: nothing downloads
-    with pytest.raises(pipeline.DataError, match=r"no split 'validation'; it has \['train', 'heldout'\]"):
+    with pytest.raises(pipeline.DataError,
+                       match=r"no split 'validation'; it has \['train', 'heldout'\]"):
         make(name=SHAPES, split="validation")
     with pytest.raises(pipeline.DataError, match=r"no feature 'text' \(SourceSpec.caption_feature"):
         make(name=SHAPES, caption_feature="text")

@@ -235,32 +235,42 @@ def test_tfds_builder_prepares_array_record_offline(tmp_path):
 
     from imagen_jax.data import shapes_tfds
 
-    config = shapes_tfds.ShapesConfig(
-        name="test32", resolution=32, num_train=12, num_heldout=5, seed=2
-    )
-    builder = shapes_tfds.prepare(config, str(tmp_path))
-    assert builder.info.full_name.startswith("imagen_shapes/test32")
+    data_dir = str(tmp_path)
+    builder = shapes_tfds.prepare("tiny", data_dir)
+    assert tfds.builder_cls("imagen_shapes") is shapes_tfds.ImagenShapes
     assert glob.glob(os.path.join(builder.data_dir, "*.array_record*"))
     assert not glob.glob(os.path.join(builder.data_dir, "*.tfrecord*"))
-    downloads = os.path.join(str(tmp_path), "downloads")
+    downloads = os.path.join(data_dir, "downloads")
     assert not [f for _, _, files in os.walk(downloads) for f in files]  # nothing fetched
     feats = builder.info.features
-    for split, n in (("train", 12), ("heldout", 5)):
-        ds = builder.as_data_source(split=split)
+    for split, n in (("train", 64), ("heldout", 16)):
+        # The route the input pipeline takes: by name, from the data_dir, random access.
+        ds = tfds.data_source("imagen_shapes/tiny", data_dir=data_dir, split=split)
         assert len(ds) == n
-        ref = shapes.ShapesSource(split, n, resolution=32, seed=2)
-        for i in (0, n - 1):
+        ref = shapes.ShapesSource(split, n, resolution=64, seed=0)
+        for i in (0, 1, n - 1):
             rec, want = ds[i], ref[i]
             np.testing.assert_array_equal(rec["image"], want["image"])  # PNG is lossless
             assert rec["caption"].decode() == want["caption"]
             assert rec["id"] == want["id"]
-            for k in ("colour", "shape", "size", "center"):
+            for k in ("num_objects", "colour", "shape", "size", "center"):
                 np.testing.assert_array_equal(rec[k], want[k])
-            assert feats["background"].int2str(rec["background"]) == want["background"]
-            assert feats["position"].int2str(rec["position"]) == want["position"]
-            assert feats["relation"].int2str(rec["relation"]) == want["relation"]
-    # Registered under its public name, with the resolution-named configs.
-    assert "imagen_shapes" in tfds.list_builders()
+            for k in ("background", "position", "relation"):
+                assert feats[k].int2str(rec[k]) == want[k]
+    # Re-preparing is a no-op; the resolution-named configs exist.
+    assert shapes_tfds.prepare("tiny", data_dir).data_dir == builder.data_dir
     assert {"tiny", "r64", "r256", "r512", "r1024"} <= {c.name for c in shapes_tfds.CONFIGS}
     with pytest.raises(ValueError, match="unknown imagen_shapes config"):
-        shapes_tfds.prepare("r65", str(tmp_path))
+        shapes_tfds.prepare("r65", data_dir)
+
+
+def test_tfds_custom_config(tmp_path):
+    from imagen_jax.data import shapes_tfds
+
+    config = shapes_tfds.ShapesConfig(
+        name="test32", resolution=32, num_train=3, num_heldout=2, seed=2
+    )
+    builder = shapes_tfds.prepare(config, str(tmp_path))
+    assert builder.info.features["image"].shape == (32, 32, 3)
+    rec = builder.as_data_source(split="heldout")[1]
+    np.testing.assert_array_equal(rec["image"], shapes.example("heldout", 1, 32, seed=2)["image"])

@@ -25,7 +25,7 @@ import dataclasses
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import gin
@@ -260,6 +260,8 @@ class TfdsSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range for {len(self)} examples")
         example = dict(self._source[index])
         example[_RECORD_KEY] = int(index)
         return example
@@ -311,6 +313,9 @@ class CaptionTable:
     def __getitem__(self, index: int) -> tuple[int, str]:
         example = self.source[index]
         return self.source.example_id(example), self.source.caption(example)
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return (self[i] for i in range(len(self)))
 
 
 # --------------------------------------------------------------------------------------------

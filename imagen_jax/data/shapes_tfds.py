@@ -80,7 +80,8 @@ CONFIGS: tuple[ShapesConfig, ...] = (
 )
 
 
-class ImagenShapes(tfds.core.GeneratorBasedBuilder):
+# Not registered when run as `python -m` (the CLI registers the package module instead).
+class ImagenShapes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "__main__"):
     """Procedural captioned shapes scenes (rendered locally; nothing to download)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -152,7 +153,10 @@ def prepare(
 
 def main(argv: list[str]) -> None:
     del argv
-    builder = prepare(_CONFIG.value, _DATA_DIR.value)
+    # Run through the package module, not `__main__`: tfds locates a builder's code by module.
+    from imagen_jax.data import shapes_tfds
+
+    builder = shapes_tfds.prepare(_CONFIG.value, _DATA_DIR.value)
     print(f"prepared {builder.info.full_name} in {builder.data_dir}: {builder.info.splits}")
 
 

@@ -13,9 +13,10 @@ Submodule names equal the PyTorch attribute names, so weight conversion is a ren
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -363,6 +364,16 @@ def file_fingerprint(path: str) -> str:
 # ----------------------------------------------------------------------------- extractor
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_fns(precision: str | None, mesh: Mesh) -> tuple[Callable, Callable]:
+    """Jitted (apply, preprocess), shared by extractors on the same mesh: compile once."""
+    apply = jax.jit(
+        InceptionV3FID(precision=precision).apply,
+        out_shardings=partitioning.batch_sharding(mesh, 2),
+    )
+    return apply, jax.jit(preprocess, out_shardings=partitioning.batch_sharding(mesh, 4))
+
+
 class InceptionExtractor:
     """Batched, data-parallel pool3 feature extraction on a device mesh.
 
@@ -388,8 +399,7 @@ class InceptionExtractor:
         self.batch_size = -(-batch_size // n_batch_shards) * n_batch_shards
         self._in_sharding = partitioning.batch_sharding(self.mesh, 4)
         self.variables = jax.device_put(freeze(variables), partitioning.replicated(self.mesh))
-        self._apply = jax.jit(self.model.apply, out_shardings=partitioning.batch_sharding(self.mesh, 2))
-        self._preprocess = jax.jit(preprocess, out_shardings=self._in_sharding)
+        self._apply, self._preprocess = _compiled_fns(precision, self.mesh)
 
     def features_on_device(self, images: jax.Array) -> jax.Array:
         """One batch (already a multiple of the batch shards) -> float32 [B, 2048]."""

@@ -164,9 +164,8 @@ class Checkpointer:
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._step(step)
-        return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[
-            META
-        ]
+        args = ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+        return self.manager.restore(step, args=args)[META]
 
     def check_compatible(self, abstract_params: Any, step: int | None = None) -> None:
         """Raises `CheckpointMismatchError` if the saved parameters have other names or shapes."""

@@ -34,7 +34,7 @@ class TrainState:
       opt_state: optax state.
       rng: uint32 [2] base key; step `n` uses `fold_in(rng, n)`, so resuming replays the same noise.
       bad_steps: int32 [] consecutive steps skipped for a non-finite loss or gradient.
-      skipped_steps: int32 [] total skipped steps (the optimizer has applied step - skipped updates).
+      skipped_steps: int32 [] total skipped steps (the optimizer applied step - skipped updates).
     """
 
     step: jax.Array
@@ -96,7 +96,7 @@ def init_train_state(
 ) -> tuple[TrainState, TrainState]:
     """Initialises the state directly into its shards; returns (state, state shardings)."""
     init_fn, shardings = _state_init_fn_and_shardings(model, tx, stage, mesh, rules)
-    with mesh, nn.logical_axis_rules(tuple(rules)):
+    with partitioning.mesh_context(mesh), nn.logical_axis_rules(tuple(rules)):
         state = jax.jit(init_fn, out_shardings=shardings)(jnp.asarray(seed, jnp.uint32))
     return state, shardings
 
@@ -138,7 +138,8 @@ def _state_init_fn_and_shardings(
     )
     abstract_params = nn.meta.unbox(boxed)
     abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = _opt_state_shardings(abstract_opt_state, params_shardings, abstract_params, mesh)
+    opt_shardings = _opt_state_shardings(
+        abstract_opt_state, params_shardings, abstract_params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = TrainState(
         step=replicated,

@@ -105,50 +105,62 @@ def _micro_batches(batch: Batch, num_micro: int, mesh: Mesh | None) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
-def make_loss_fn(stage: Stage, config: StepConfig) -> Callable[..., tuple[jax.Array, Metrics]]:
-    """`loss_fn(params, micro_batch, rng) -> (mean loss, aux)`: the diffusion loss of one batch."""
-    model = stage.model
+def make_prepare_fn(stage: Stage) -> Callable[[Batch, jax.Array], Batch]:
+    """`prepare(batch, rng) -> model inputs and targets` for the whole global batch.
+
+    All randomness of a step (crop offsets, t, eps, condition dropping, augmentation) is drawn
+    here for the full batch, before micro-batching: the result is the same for any number of
+    micro-batches and any mesh (jax's partitionable threefry).
+    """
     schedule = stage.get_schedule()
     aug_schedule = stage.get_aug_schedule() if stage.is_super_res else None
-    num_buckets = len(config.logsnr_bucket_edges) + 1
 
-    def loss_fn(params, batch, rng):
-        rng_crop, rng_t, rng_eps, rng_drop, rng_aug, rng_aug_noise, rng_model = jax.random.split(
-            rng, 7
-        )
-        x0 = batch["image"].astype(jnp.float32)  # [b, H, W, 3] in [-1, 1]
+    def prepare(batch, rng):
+        rng_crop, rng_t, rng_eps, rng_drop, rng_aug, rng_aug_noise = jax.random.split(rng, 6)
+        x0 = batch["image"].astype(jnp.float32)  # [B, H, W, 3] in [-1, 1]
         lowres = batch.get("lowres")
         if stage.train_crop is not None and x0.shape[1] != stage.train_crop:
             x0, lowres = random_aligned_crop(rng_crop, x0, lowres, stage.train_crop)
         b = x0.shape[0]
         t = jax.random.uniform(rng_t, (b,), jnp.float32)  # continuous time (App. A)
         eps = jax.random.normal(rng_eps, x0.shape, jnp.float32)
-        x_t = diffusion.diffuse(x0, eps, t, schedule)
         embeds, mask = diffusion.drop_text_condition(
             rng_drop, batch["text_embeds"], batch["text_mask"], stage.cond_drop_prob
-        )
+        )  # Sec. 2.2: classifier-free guidance training
+        out = {"x0": x0, "eps": eps, "t": t, "x_t": diffusion.diffuse(x0, eps, t, schedule),
+               "text_embeds": embeds, "text_mask": mask}
+        if stage.is_super_res:
+            # Sec. 2.5: noise conditioning augmentation, level ~ U(0, train_aug_max).
+            aug_level = jax.random.uniform(rng_aug, (b,), jnp.float32, 0.0, stage.train_aug_max)
+            out["lowres"] = diffusion.noise_augment(lowres, aug_level, rng_aug_noise,
+                                                    aug_schedule)
+            out["aug_level"] = aug_level
+        return out
+
+    return prepare
+
+
+def make_loss_fn(stage: Stage, config: StepConfig) -> Callable[..., tuple[jax.Array, Metrics]]:
+    """`loss_fn(params, prepared micro-batch, rng) -> (mean loss, aux)`."""
+    model = stage.model
+    schedule = stage.get_schedule()
+    num_buckets = len(config.logsnr_bucket_edges) + 1
+
+    def loss_fn(params, mb, rng):
         kwargs = {}
         if stage.is_super_res:
-            aug_level = jax.random.uniform(rng_aug, (b,), jnp.float32, 0.0, stage.train_aug_max)
-            lowres = diffusion.noise_augment(lowres, aug_level, rng_aug_noise, aug_schedule)
-            kwargs = {"lowres": lowres, "aug_level": aug_level}
+            kwargs = {"lowres": mb["lowres"], "aug_level": mb["aug_level"]}
         # Mixed precision is the model's business (`<preset>.dtype = "bfloat16"` in gin): params
         # arrive float32 and the model casts them for compute; the loss is taken in float32.
         pred = model.apply(
-            {"params": params},
-            x_t,
-            t,
-            embeds,
-            mask,
-            train=True,
-            rngs={"dropout": rng_model},
-            **kwargs,
+            {"params": params}, mb["x_t"], mb["t"], mb["text_embeds"], mb["text_mask"],
+            train=True, rngs={"dropout": rng}, **kwargs,
         ).astype(jnp.float32)
         loss_ex = diffusion.loss_per_example(
-            pred, x0, eps, t, schedule, prediction=stage.prediction,
+            pred, mb["x0"], mb["eps"], mb["t"], schedule, prediction=stage.prediction,
             weighting=stage.loss_weighting, min_snr_gamma=stage.min_snr_gamma,
         )  # [b]
-        bucket = _bucket_index(schedule.logsnr(t), config.logsnr_bucket_edges)  # [b]
+        bucket = _bucket_index(schedule.logsnr(mb["t"]), config.logsnr_bucket_edges)  # [b]
         onehot = jax.nn.one_hot(bucket, num_buckets, dtype=jnp.float32)  # [b, K]
         aux = {
             "bucket_loss_sum": onehot.T @ loss_ex,  # [K]
@@ -174,6 +186,7 @@ def make_train_step(
     A step whose loss or gradient norm is not finite leaves params, EMA and optimizer state
     untouched and increments `bad_steps` (consecutive) and `skipped_steps` (total).
     """
+    prepare = make_prepare_fn(stage)
     loss_fn = make_loss_fn(stage, config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     num_micro = config.num_micro_batches
@@ -181,10 +194,10 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         with nn.logical_axis_rules(tuple(rules)):
             step_rng = jax.random.fold_in(state.rng, state.step)
-            batch = {k: v for k, v in batch.items() if k in
-                     ("image", "lowres", "text_embeds", "text_mask")}
+            rng_prepare, rng_model = jax.random.split(step_rng)
+            batch = prepare(batch, rng_prepare)
             if num_micro == 1:
-                (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+                (loss, aux), grads = grad_fn(state.params, batch, rng_model)
             else:
                 micro = _micro_batches(batch, num_micro, mesh)
                 zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -192,10 +205,11 @@ def make_train_step(
                 def accumulate(carry, xs):
                     grad_sum, loss_sum, aux_sum = carry
                     index, mb = xs
-                    (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(step_rng, index))
+                    micro_rng = jax.random.fold_in(rng_model, index)
+                    (micro_loss, a), g = grad_fn(state.params, mb, micro_rng)
                     carry = (
                         jax.tree.map(jnp.add, grad_sum, g),
-                        loss_sum + l,
+                        loss_sum + micro_loss,
                         jax.tree.map(jnp.add, aux_sum, a),
                     )
                     return carry, None

@@ -79,3 +79,36 @@ def synthetic_data(
         text_length=text_length, text_embed_dim=text_embed_dim, process_index=process_index,
         process_count=process_count, seed=seed, tokens=tokenizer is not None, nan_at=nan_at,
     )
+
+
+def tiny_test_stage(super_res: bool = False) -> Any:
+    """A very small stage (8x8 images, ~40k parameters) whose step compiles in seconds on CPU;
+    it still has every logical axis the rule sets shard (conv, embed, heads, mlp)."""
+    from imagen_jax.nn import presets
+    from imagen_jax.train.stage import Stage
+
+    if super_res:
+        model = presets.tiny_sr(blocks=((8, 1), (8, 1)), stem_channels=8, num_heads=2,
+                                text_embed_dim=16, text_cond_dim=16, embed_dim=16,
+                                sinusoid_dim=16, num_groups=4)
+        return Stage(model=model, resolution=16, lowres_resolution=8, text_length=4,
+                     text_embed_dim=16, cond_drop_prob=0.1)
+    # 16 channels / head_dim 8 = 2 heads, so `heads` divides a tensor axis of 2.
+    model = presets.tiny_base(channels=16, channel_mult=(1,), num_res_blocks=1,
+                              attn_resolutions=(8,), head_dim=8, text_embed_dim=16,
+                              text_cond_dim=16, image_size=8, num_groups=4)
+    return Stage(model=model, resolution=8, text_length=4, text_embed_dim=16)
+
+
+@gin.configurable
+def signal_at_step(step: int, signum: int = 9) -> Any:
+    """Fault injection for `train.step_callback`: the process sends itself `signum` (default
+    SIGKILL) right after train step `step`."""
+    import os
+
+    def callback(current: int, state: Any, metrics: Any) -> None:
+        del state, metrics
+        if current == step:
+            os.kill(os.getpid(), signum)
+
+    return callback

@@ -285,7 +285,7 @@ def train(
     shardings = batch_shardings(batch_specs, mesh)
     ids_sharding = partitioning.batch_sharding(mesh, 2)
     step_fn = make_train_step(stage, tx, lr_schedule, step_config, mesh, rules)
-    with mesh:
+    with partitioning.mesh_context(mesh):
         train_step = jit_train_step(step_fn, state_shardings, shardings, mesh).lower(
             abstract_state, batch_specs).compile()
     # cost_analysis describes one device's SPMD program.
@@ -328,7 +328,7 @@ def train(
             if sampler is not None and sampler.batch is None:
                 sampler.set_batch(batch)
 
-            with mesh:
+            with partitioning.mesh_context(mesh):
                 state, step_metrics = train_step(state, batch)
             step += 1
             window_steps += 1
@@ -431,7 +431,7 @@ class _SampleGrid:
             self._fn = jax.jit(lambda params, embeds, mask, lowres: sample_stage(
                 self.cascade_stage, params, embeds, mask, jax.random.PRNGKey(0), lowres=lowres))
         b = self.batch
-        with self.mesh:
+        with partitioning.mesh_context(self.mesh):
             images = self._fn(ema_params, b["text_embeds"], b["text_mask"], b.get("lowres"))
         grid = metrics_lib.image_grid(np.asarray(jax.device_get(images)))
         writer.write_image(step, "samples", grid)
