@@ -1,4 +1,4 @@
-"""FID Inception throughput: our Flax extractor vs pytorch-fid's InceptionV3, same run, same weights.
+"""FID Inception throughput: our Flax extractor vs pytorch-fid's InceptionV3 (same run, weights).
 
     .venv/bin/python -m bench.eval_throughput [--batch_size=32] [--iters=3] [--resolution=256]
 
@@ -38,8 +38,11 @@ def build_torch_reference():
     captured = []
     with (
         mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: {}),
-        mock.patch.object(torchvision.models.inception.Inception3, "load_state_dict",
-                          lambda self, *a, **k: captured.append(self)),
+        mock.patch.object(
+            torchvision.models.inception.Inception3,
+            "load_state_dict",
+            lambda self, *a, **k: captured.append(self),
+        ),
     ):
         model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
     return model, captured[0].state_dict()
@@ -59,7 +62,9 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "inception.pth")
         torch.save(state_dict, path)
-        extractor = inception.make_inception_extractor(weights_path=path, batch_size=FLAGS.batch_size)
+        extractor = inception.make_inception_extractor(
+            weights_path=path, batch_size=FLAGS.batch_size
+        )
     rng = np.random.default_rng(0)
     r = FLAGS.resolution
     batch = rng.integers(0, 256, (FLAGS.batch_size, r, r, 3), dtype=np.uint8)
@@ -73,11 +78,16 @@ def main(argv):
     ref = images_per_second(torch_features, batch, FLAGS.iters)
     expected = torch_features(batch[:4])
     rel_diff = np.abs(extractor(batch[:4]) - expected).max() / np.abs(expected).max()
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; torch threads: "
-          f"{torch.get_num_threads()}; batch {FLAGS.batch_size} at {r}x{r} -> 299")
+    print(
+        f"devices: {jax.device_count()} x {jax.devices()[0].platform}; torch threads: "
+        f"{torch.get_num_threads()}; batch {FLAGS.batch_size} at {r}x{r} -> 299"
+    )
     print(f"imagen_jax InceptionV3FID: {ours:8.2f} images/s")
     print(f"pytorch-fid InceptionV3:   {ref:8.2f} images/s")
-    print(f"ratio (ours / pytorch-fid): {ours / ref:.2f}x   (max feature diff / max |feature|: {rel_diff:.1e})")
+    print(
+        f"ratio (ours / pytorch-fid): {ours / ref:.2f}x   "
+        f"(max feature diff / max |feature|: {rel_diff:.1e})"
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -435,6 +436,9 @@ class _Progress:
         for bar in self.bars.values():
             bar.close()
 
+    def reset(self) -> None:
+        self.bars, self.seen, self.t_first, self.t_last = {}, {}, {}, {}
+
     def stage_seconds(self) -> dict[str, float]:
         """Wall time from a stage's first to the next stage's first step (approximate)."""
         order = sorted(self.t_first)
@@ -462,6 +466,7 @@ class Cascade:
         mesh: Mesh | None = None,
         rules: partitioning.LogicalRules | None = None,
         embed_dim: int | None = None,
+        max_batch: int | None = None,
     ):
         stages = list(stages)
         if len(params) != len(stages):
@@ -482,8 +487,24 @@ class Cascade:
                 f"trained on {stages[0].text_embed_dim}-dim ones; load their T5"
             )
         self.params = [self._shard_params(s, p) for s, p in zip(stages, params)]
+        self.max_batch = max_batch
+        if max_batch is not None and max_batch % self.batch_multiple:
+            raise CascadeError(
+                f"max_batch {max_batch} must be a multiple of the {self.batch_multiple} batch "
+                "shards of the mesh"
+            )
         self._text_parts = _text_encoder_parts(text_encoder) if text_encoder is not None else None
+        # T5 parameters enter the program as (replicated) arguments, never as constants.
+        self._text_params = None
+        if self._text_parts is not None:
+            self._text_params = jax.tree_util.tree_map(
+                lambda x: x if _on_mesh(x, self.mesh) else jax.device_put(
+                    x, partitioning.replicated(self.mesh)),
+                self._text_parts[1],
+            )
         self._programs: dict[Any, Any] = {}
+        self._compiled: dict[Any, Any] = {}
+        self._progress: dict[Any, _Progress | None] = {}
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -526,7 +547,7 @@ class Cascade:
         ``stages[start]`` is an SR stage. Returns each stage's float images.
         """
         start, stop = self._slice(start, stop)
-        key = (start, stop, encode, progress)
+        key = self._program_key(start, stop, encode, progress)
         if key in self._programs:
             return self._programs[key]
         stages = self.stages[start:stop]
@@ -536,7 +557,7 @@ class Cascade:
         batch_spec = partitioning.batch_sharding
         mesh = self.mesh
         tracker = _Progress(stages, start, enabled=True) if progress else None
-        self._progress = tracker
+        self._progress[key] = tracker
 
         def on_step(index, t):
             jax.debug.callback(lambda tt: tracker(index, tt), t)
@@ -568,9 +589,36 @@ class Cascade:
         self._programs[key] = fn
         return fn
 
-    def _call(self, fn: Callable, *args: Any) -> Any:
-        with self.mesh, nn.logical_axis_rules(self.rules):
-            return fn(*args)
+    @staticmethod
+    def _program_key(start: int, stop: int, encode: bool, progress: bool) -> tuple:
+        return (start, stop, encode, progress)
+
+    def _abstract_inputs(
+        self, batch_size: int, start: int, encode: bool, text_length: int | None
+    ) -> tuple[Any, Any, Any]:
+        """ShapeDtypeStructs (with batch shardings) of (text, text_mask, lowres)."""
+        if batch_size % self.batch_multiple:
+            raise CascadeError(
+                f"batch_size {batch_size} is not a multiple of the {self.batch_multiple} batch "
+                "shards of the mesh"
+            )
+        length = text_length or getattr(self.text_encoder, "max_length", None) or 16
+        shard = partitioning.batch_sharding
+        b = batch_size
+        if encode:
+            text = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=shard(self.mesh, 2))
+        else:
+            if self.embed_dim is None:
+                raise CascadeError("embed_dim unknown: pass embed_dim= or a text encoder")
+            text = jax.ShapeDtypeStruct(
+                (b, length, self.embed_dim), jnp.float32, sharding=shard(self.mesh, 3)
+            )
+        mask = jax.ShapeDtypeStruct((b, length), jnp.bool_, sharding=shard(self.mesh, 2))
+        lowres = None
+        if self.stages[start].is_sr:
+            r = self.stages[start].lowres_resolution
+            lowres = jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32, sharding=shard(self.mesh, 4))
+        return text, mask, lowres
 
     def lower(
         self,
@@ -582,29 +630,27 @@ class Cascade:
         progress: bool = False,
         text_length: int | None = None,
     ) -> jax.stages.Lowered:
-        """Lowers the program for ``batch_size`` examples (for HLO inspection and AOT compiles)."""
+        """Lowers the program for ``batch_size`` examples (HLO inspection, AOT compilation).
+
+        ``batch_size`` must be a multiple of ``batch_multiple``; ``text_length`` defaults to the
+        encoder's ``max_length``.
+        """
         start, stop = self._slice(start, stop)
         fn = self.program(start, stop, encode=encode, progress=progress)
-        length = text_length or getattr(self.text_encoder, "max_length", None) or 16
-        b = batch_size
-        if encode:
-            text = jax.ShapeDtypeStruct((b, length), jnp.int32)
-            text_params = self._text_parts[1]
-        else:
-            if self.embed_dim is None:
-                raise CascadeError("embed_dim unknown: pass embed_dim= or a text encoder")
-            text = jax.ShapeDtypeStruct((b, length, self.embed_dim), jnp.float32)
-            text_params = None
-        mask = jax.ShapeDtypeStruct((b, length), jnp.bool_)
-        lowres = None
-        if self.stages[start].is_sr:
-            r = self.stages[start].lowres_resolution
-            lowres = jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32)
-        rng = jax.random.PRNGKey(0)
+        text, mask, lowres = self._abstract_inputs(batch_size, start, encode, text_length)
+        text_params = self._text_params if encode else None
         with self.mesh, nn.logical_axis_rules(self.rules):
-            return fn.lower(
-                self.params[start:stop], text_params, text, mask, rng, lowres
-            )
+            return fn.lower(self.params[start:stop], text_params, text, mask, self._rng(0), lowres)
+
+    def compile(self, batch_size: int, **kwargs: Any) -> jax.stages.Compiled:
+        """The compiled program (cached per slice, batch size, text length and mode)."""
+        key = (batch_size, tuple(sorted(kwargs.items())))
+        if key not in self._compiled:
+            self._compiled[key] = self.lower(batch_size, **kwargs).compile()
+        return self._compiled[key]
+
+    def _rng(self, seed: int) -> jax.Array:
+        return jax.device_put(jax.random.PRNGKey(seed), partitioning.replicated(self.mesh))
 
     # -- user entry points -------------------------------------------------------------------
 
@@ -618,7 +664,7 @@ class Cascade:
 
     def sample(
         self,
-        prompts: Sequence[str] | None = None,
+        prompts: Sequence[str] | str | None = None,
         seed: int = 0,
         *,
         num_per_prompt: int = 1,
@@ -633,8 +679,9 @@ class Cascade:
 
         Give ``prompts`` (T5 runs inside the compiled program) or ``text_embeds`` [N, L, D] +
         ``text_mask`` [N, L]. For a slice starting at an SR stage also give ``lowres``
-        (uint8 or [-1, 1] float [N, r, r, 3], one per prompt). Output images are ordered
-        prompt-major: prompt 0's samples first.
+        (uint8 or [-1, 1] float [N, r, r, 3], one per prompt). Images are ordered prompt-major
+        (prompt 0's samples first). With ``max_batch`` set, the work runs in chunks of that size
+        through one compiled program; chunk k draws its randomness from ``fold_in(seed, k)``.
         """
         start, stop = self._slice(start, stop)
         if num_per_prompt < 1:
@@ -643,13 +690,10 @@ class Cascade:
             raise CascadeError("pass exactly one of prompts= and text_embeds=")
         encode = prompts is not None
         if encode:
-            if isinstance(prompts, str):
-                prompts = [prompts]
-            prompts = list(prompts)
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             if not prompts:
                 raise CascadeError("no prompts given; pass at least one prompt")
             text, mask = self.tokenize(prompts)
-            text_params = self._text_parts[1]
             n = len(prompts)
         else:
             text = np.asarray(text_embeds, np.float32)
@@ -667,53 +711,46 @@ class Cascade:
                     f"text_embeds have dimension {text.shape[-1]} but the stages expect "
                     f"{self.embed_dim}"
                 )
-            text_params = None
             n = text.shape[0]
             prompts = [f"<embedding {i}>" for i in range(n)]
-        low = None
-        first = self.stages[start]
-        if first.is_sr:
-            if lowres is None:
-                raise CascadeError(
-                    f"the slice starts at SR stage {start} ({first.name}): pass lowres images of "
-                    f"{first.lowres_resolution}px"
-                )
-            low = from_uint8(lowres)
-            want = (n, first.lowres_resolution, first.lowres_resolution, 3)
-            if low.shape != want:
-                raise CascadeError(
-                    f"lowres images have shape {low.shape}; stage {start} ({first.name}) expects "
-                    f"{want} (one {first.lowres_resolution}px RGB image per prompt)"
-                )
-            low = np.repeat(low, num_per_prompt, axis=0)
-        elif lowres is not None:
-            raise CascadeError("lowres images are only used when the slice starts at an SR stage")
+        low = self._check_lowres(lowres, start, n)
 
-        # Prompt-major repetition, then pad to a multiple of the batch shards (pads are dropped).
+        # Prompt-major repetition; chunks padded to a multiple of the batch shards.
         text = np.repeat(text, num_per_prompt, axis=0)
         mask = np.repeat(mask, num_per_prompt, axis=0)
+        low = None if low is None else np.repeat(low, num_per_prompt, axis=0)
         total = n * num_per_prompt
-        padded = -(-total // self.batch_multiple) * self.batch_multiple
-        text, mask = _pad(text, padded), _pad(mask, padded)
-        low = None if low is None else _pad(low, padded)
-        sharding = partitioning.batch_sharding
-        text = jax.device_put(text, sharding(self.mesh, text.ndim))
-        mask = jax.device_put(mask, sharding(self.mesh, 2))
-        if low is not None:
-            low = jax.device_put(low, sharding(self.mesh, 4))
-        rng = jax.random.PRNGKey(seed)
-
-        fn = self.program(start, stop, encode=encode, progress=progress)
+        chunk = self.max_batch or -(-total // self.batch_multiple) * self.batch_multiple
+        kwargs = dict(start=start, stop=stop, encode=encode, progress=progress,
+                      text_length=text.shape[1])
         t0 = time.perf_counter()
-        outs = self._call(fn, self.params[start:stop], text_params, text, mask, rng, low)
-        outs = jax.block_until_ready(outs)
-        seconds = time.perf_counter() - t0
-        timings = {"total_s": seconds}
-        tracker = self._progress if progress else None
+        compiled = self.compile(chunk, **kwargs)
+        timings = {"compile_s": time.perf_counter() - t0}
+        text_params = self._text_params if encode else None
+        shard = partitioning.batch_sharding
+        outs: list[list[np.ndarray]] = []
+        t0 = time.perf_counter()
+        for k, lo in enumerate(range(0, total, chunk)):
+            hi = min(lo + chunk, total)
+            args = [_pad(text[lo:hi], chunk), _pad(mask[lo:hi], chunk)]
+            args = [jax.device_put(a, shard(self.mesh, a.ndim)) for a in args]
+            chunk_low = None
+            if low is not None:
+                chunk_low = jax.device_put(_pad(low[lo:hi], chunk), shard(self.mesh, 4))
+            rng = self._rng(seed) if lo == 0 else jax.device_put(
+                jax.random.fold_in(jax.random.PRNGKey(seed), k),
+                partitioning.replicated(self.mesh),
+            )
+            with self.mesh, nn.logical_axis_rules(self.rules):
+                result = compiled(self.params[start:stop], text_params, *args, rng, chunk_low)
+            outs.append([np.asarray(o)[: hi - lo] for o in jax.block_until_ready(result)])
+        timings["sample_s"] = time.perf_counter() - t0
+        tracker = self._progress.get(self._program_key(start, stop, encode, progress))
         if tracker is not None:
             tracker.close()
             timings.update(tracker.stage_seconds())
-        float_images = [np.asarray(o)[:total] for o in outs]
+            tracker.reset()
+        float_images = [np.concatenate(parts, axis=0) for parts in zip(*outs)]
         return CascadeOutput(
             images=[to_uint8(x) for x in float_images],
             float_images=float_images,
@@ -722,6 +759,28 @@ class Cascade:
             timings=timings,
         )
 
+    def _check_lowres(self, lowres: np.ndarray | None, start: int, n: int) -> np.ndarray | None:
+        first = self.stages[start]
+        if not first.is_sr:
+            if lowres is not None:
+                raise CascadeError(
+                    "lowres images are only used when the slice starts at an SR stage"
+                )
+            return None
+        if lowres is None:
+            raise CascadeError(
+                f"the slice starts at SR stage {start} ({first.name}): pass lowres images of "
+                f"{first.lowres_resolution}px"
+            )
+        low = from_uint8(lowres)
+        want = (n, first.lowres_resolution, first.lowres_resolution, 3)
+        if low.shape != want:
+            raise CascadeError(
+                f"lowres images have shape {low.shape}; stage {start} ({first.name}) expects "
+                f"{want} (one {first.lowres_resolution}px RGB image per prompt)"
+            )
+        return low
+
     def sample_fn(self, **kwargs: Any) -> Callable[[list[str], int], np.ndarray]:
         """``sample_fn(prompts, seed) -> uint8 [N, H, W, 3]`` (final stage) for the eval tools."""
 
@@ -729,6 +788,11 @@ class Cascade:
             return self.sample(prompts, seed, **kwargs).final
 
         return fn
+
+
+def _on_mesh(x: Any, mesh: Mesh) -> bool:
+    sharding = getattr(x, "sharding", None)
+    return isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:
@@ -798,6 +862,27 @@ def abstract_params(stage: CascadeStage, embed_dim: int, text_length: int = 8) -
     return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
+def random_params(stage: CascadeStage, seed: int = 0, embed_dim: int | None = None) -> PyTree:
+    """Cheap random parameters of the right tree and shapes, without compiling the model's init.
+
+    Kernels ~ N(0, 1/fan_in), norm scales 1, biases 0 (LeCun-style; enough for an untrained
+    cascade in tests, benchmarks and the notebook). Use ``init_params`` for flax's exact init.
+    """
+    abstract = nn.meta.unbox(abstract_params(stage, stage.text_embed_dim or embed_dim or 8))
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if "scale" in name:
+            return np.ones(x.shape, x.dtype)
+        if "bias" in name or x.ndim <= 1:
+            return np.zeros(x.shape, x.dtype)
+        fan_in = int(np.prod(x.shape[:-1]))
+        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
 def init_params(
     stage: CascadeStage, rng: jax.Array, embed_dim: int, text_length: int = 8
 ) -> PyTree:
@@ -813,3 +898,138 @@ def init_params(
         kwargs = dict(lowres=jnp.zeros((1, lr, lr, 3), jnp.float32), aug_level=t)
     variables = jax.jit(lambda k: stage.model.init(k, x, t, embeds, mask, **kwargs))(rng)
     return nn.meta.unbox(variables["params"])
+
+
+# -------------------------------------------------------------------------------------------
+# Loading trained stages (the trainer's orbax checkpoints) onto any mesh.
+# -------------------------------------------------------------------------------------------
+
+
+def _build_train_stage(operative_config: str, workdir: str) -> tuple[Any, str | None]:
+    """Parses a run's saved gin config in a clean gin state; returns (Stage, fingerprint)."""
+    from imagen_jax import gin_utils
+    from imagen_jax.train.stage import Stage
+
+    gin_utils.register_all()
+    gin.clear_config()
+    try:
+        # skip_unknown: the saved config may name launcher-only configurables.
+        gin.parse_config(operative_config, skip_unknown=True)
+        try:
+            ref = gin.query_parameter("train.stage")
+        except ValueError:
+            ref = None
+        if isinstance(ref, gin.config.ConfigurableReference):
+            stage = ref.scoped_configurable_fn()
+        else:
+            stage = Stage()
+        fingerprint = stage.text_fingerprint
+        if fingerprint is None:
+            # Stages trained from an embedding cache record the cache's encoder fingerprint.
+            for name in ("pipeline_data.text_fingerprint", "LoaderSpec.text_fingerprint"):
+                try:
+                    fingerprint = gin.query_parameter(name) or None
+                except ValueError:
+                    continue
+                if fingerprint:
+                    break
+    except Exception as e:  # gin raises many types; all mean "this config cannot be rebuilt"
+        raise CascadeError(
+            f"cannot rebuild the stage in {workdir} from its saved gin config: {e}"
+        ) from e
+    finally:
+        gin.clear_config()
+    return stage, fingerprint
+
+
+def load_stage(
+    workdir: str,
+    *,
+    mesh: Mesh,
+    rules: partitioning.LogicalRules,
+    step: int | None = None,
+    name: str | None = None,
+) -> tuple[CascadeStage, PyTree]:
+    """(CascadeStage, EMA params sharded on ``mesh``) from a trainer workdir.
+
+    The architecture and sampler defaults come from the run's saved operative gin config; the
+    EMA parameters are restored straight into their shards (orbax), whatever mesh trained them.
+    """
+    from imagen_jax.train.checkpoint import Checkpointer
+
+    if not os.path.isdir(workdir):
+        raise CascadeError(
+            f"stage directory {workdir!r} does not exist; pass the trainer's --workdir of each "
+            "stage, base first"
+        )
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CascadeError(
+                f"stage directory {workdir!r} holds no complete checkpoint; train it first "
+                "(python -m launch.train --workdir=...)"
+            )
+        meta = ckpt.read_meta(step)
+        train_stage, fingerprint = _build_train_stage(meta["operative_config"], workdir)
+        stage = CascadeStage.from_train_stage(
+            train_stage, name=name or os.path.basename(os.path.normpath(workdir))
+        ).replace(text_fingerprint=fingerprint)
+        shardings = param_shardings(stage, mesh, rules)
+        abstract = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nn.meta.unbox(abstract_params(stage, stage.text_embed_dim or 8)),
+            shardings,
+        )
+        try:
+            params = ckpt.restore_params(abstract, step)
+        except ValueError as e:
+            raise CascadeError(f"stage {workdir!r}: {e}") from e
+    finally:
+        ckpt.close()
+    return stage, params
+
+
+def load_cascade(
+    stage_dirs: Sequence[str],
+    t5: str | None = None,
+    *,
+    mesh: Mesh | None = None,
+    rules: partitioning.LogicalRules | None = None,
+    overrides: Sequence[dict[str, Any]] | None = None,
+    max_batch: int | None = None,
+    t5_dtype: str = "float32",
+) -> Cascade:
+    """A ``Cascade`` from trainer workdirs (base first) and a T5 checkpoint directory.
+
+    ``overrides[i]`` changes stage i's saved sampler settings (see ``sampling_overrides``).
+    Refuses stages whose resolutions do not chain or that were trained with another encoder.
+    """
+    from imagen_jax.text import load_t5
+
+    if not stage_dirs:
+        raise CascadeError("no stage directories given; pass --stages=DIR1[,DIR2,...]")
+    missing = [d for d in stage_dirs if not os.path.isdir(d)]
+    if missing:
+        raise CascadeError(
+            f"stage directory {missing[0]!r} does not exist; pass the trainer's --workdir of "
+            "each stage, base first"
+        )
+    mesh = mesh if mesh is not None else partitioning.make_mesh()
+    rules = tuple(rules if rules is not None else partitioning.logical_axis_rules())
+    loaded = [load_stage(d, mesh=mesh, rules=rules) for d in stage_dirs]
+    stages = [s for s, _ in loaded]
+    for i, over in enumerate(overrides or ()):
+        if over:
+            stages[i] = stages[i].with_sampling(**over)
+    check_chain(stages)  # before loading T5: cheap, clear errors first
+    encoder = None
+    if t5 is not None:
+        if not os.path.isdir(t5):
+            raise CascadeError(f"T5 directory {t5!r} does not exist; pass --t5=PATH")
+        length = stages[0].text_length or 128
+        encoder = load_t5(t5, dtype=t5_dtype, max_length=length, mesh=mesh)
+    return Cascade(
+        stages, [p for _, p in loaded], text_encoder=encoder, mesh=mesh, rules=rules,
+        max_batch=max_batch,
+    )

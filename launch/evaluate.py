@@ -3,7 +3,8 @@
     python -m launch.evaluate drawbench --stages=base,sr256 --t5=T5_DIR --out=DIR \
         [--num_per_prompt=8] [--categories=Colors,Counting] [--clip_weights=CLIP_DIR]
     python -m launch.evaluate drawbench --compare=RUN_A,RUN_B --out=DIR     # side-by-side page
-    python -m launch.evaluate fid --stages=... --t5=... --reference=tfds:coco_captions/2017:val|DIR \
+    python -m launch.evaluate fid --stages=... --t5=... \
+        --reference=tfds:coco_captions/2017:val|DIR \
         --inception_weights=pt_inception-2015-12-05-6726825d.pth --num_samples=30000 --out=DIR
     python -m launch.evaluate sweep --stages=... --t5=... --guidance=1,1.25,1.5,2,3,5 --out=DIR ...
 
@@ -50,18 +51,25 @@ flags.DEFINE_bool("embed_images", False, "Embed images in the HTML (one self-con
 flags.DEFINE_string("label", "", "Run label shown in reports.")
 # Metrics.
 flags.DEFINE_string("clip_weights", None, "CLIP weights (file or HF dir) for the CLIP score.")
-flags.DEFINE_string("clip_tokenizer", None, "Dir with vocab.json+merges.txt (default: weights dir).")
+flags.DEFINE_string(
+    "clip_tokenizer", None, "Dir with vocab.json+merges.txt (default: weights dir)."
+)
 flags.DEFINE_string("clip_config", None, "CLIP config name (ViT-B/32, ViT-L/14); default inferred.")
 flags.DEFINE_string("inception_weights", None, "FID Inception weights (pt_inception-*.pth/.npz).")
 flags.DEFINE_integer("metric_batch_size", 64, "Batch size of the feature extractors.")
 # FID / sweep.
 flags.DEFINE_string("reference", None, "FID reference: tfds:NAME[/CONFIG][:SPLIT] or an image dir.")
 flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir holding the prepared reference.")
-flags.DEFINE_string("stats_cache", None, "Where reference statistics are cached (default OUT/stats).")
+flags.DEFINE_string(
+    "stats_cache", None, "Where reference statistics are cached (default OUT/stats)."
+)
 flags.DEFINE_integer("reference_resolution", 256, "Reference images: centre crop + resize to this.")
 flags.DEFINE_integer("num_samples", 30000, "Samples for FID (Section 4.1: FID-30K).")
-flags.DEFINE_string("prompts", None, "Prompt file (one per line); default: reference captions, "
-                    "else shapes captions.")
+flags.DEFINE_string(
+    "prompts",
+    None,
+    "Prompt file (one per line); default: reference captions, else shapes captions.",
+)
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -98,8 +106,12 @@ def with_sampling(cascade, stage_index: int | None = None, **overrides):
         for i, s in enumerate(cascade.stages)
     ]
     return type(cascade)(
-        stages, cascade.params, text_encoder=cascade.text_encoder, mesh=cascade.mesh,
-        rules=cascade.rules, embed_dim=cascade.embed_dim,
+        stages,
+        cascade.params,
+        text_encoder=cascade.text_encoder,
+        mesh=cascade.mesh,
+        rules=cascade.rules,
+        embed_dim=cascade.embed_dim,
     )
 
 
@@ -130,9 +142,14 @@ def make_scorers() -> dict[str, Callable]:
     if FLAGS.clip_weights:
         from imagen_jax.eval import clip
 
-        return {"clip_score": clip.make_clip_scorer(
-            weights_path=FLAGS.clip_weights, tokenizer_path=FLAGS.clip_tokenizer,
-            config=FLAGS.clip_config, batch_size=FLAGS.metric_batch_size)}
+        return {
+            "clip_score": clip.make_clip_scorer(
+                weights_path=FLAGS.clip_weights,
+                tokenizer_path=FLAGS.clip_tokenizer,
+                config=FLAGS.clip_config,
+                batch_size=FLAGS.metric_batch_size,
+            )
+        }
     logging.info("no --clip_weights: scoring shapes adherence (the weight-free default)")
     return {"shapes_adherence": drawbench.shapes_adherence_scorer}
 
@@ -141,7 +158,8 @@ def make_inception():
     from imagen_jax.eval import inception
 
     return inception.make_inception_extractor(
-        weights_path=FLAGS.inception_weights, batch_size=FLAGS.metric_batch_size)
+        weights_path=FLAGS.inception_weights, batch_size=FLAGS.metric_batch_size
+    )
 
 
 def reference_stats(extractor):
@@ -150,9 +168,12 @@ def reference_stats(extractor):
     if not FLAGS.reference:
         raise app.UsageError("FID needs --reference=tfds:NAME[:SPLIT] or an image directory")
     return fid.reference_stats(
-        FLAGS.reference, extractor, extractor_id=extractor.fingerprint,
+        FLAGS.reference,
+        extractor,
+        extractor_id=extractor.fingerprint,
         cache_dir=FLAGS.stats_cache or os.path.join(FLAGS.out, "stats"),
-        resolution=FLAGS.reference_resolution, batch_size=FLAGS.metric_batch_size,
+        resolution=FLAGS.reference_resolution,
+        batch_size=FLAGS.metric_batch_size,
         data_dir=FLAGS.tfds_data_dir,
     )
 
@@ -168,8 +189,13 @@ def load_eval_prompts(n: int) -> list[str]:
     if FLAGS.reference and FLAGS.reference.startswith("tfds:"):
         from imagen_jax.eval import fid
 
-        caps = [c for _, c in fid.iter_reference(
-            FLAGS.reference, resolution=8, max_images=n, data_dir=FLAGS.tfds_data_dir) if c]
+        caps = [
+            c
+            for _, c in fid.iter_reference(
+                FLAGS.reference, resolution=8, max_images=n, data_dir=FLAGS.tfds_data_dir
+            )
+            if c
+        ]
         if caps:
             return caps
     from imagen_jax.data import shapes
@@ -186,19 +212,32 @@ def run_drawbench_cmd() -> None:
     if FLAGS.compare:
         if len(FLAGS.compare) != 2:
             raise app.UsageError("--compare takes exactly two DrawBench run directories")
-        path = report.write_side_by_side(*FLAGS.compare, FLAGS.out, seed=FLAGS.seed,
-                                         embed=FLAGS.embed_images)
+        path = report.write_side_by_side(
+            *FLAGS.compare, FLAGS.out, seed=FLAGS.seed, embed=FLAGS.embed_images
+        )
         print(f"side-by-side rating page: {path}")
         return
     factory = make_sample_fn_factory()
     guidance = float(FLAGS.guidance[0]) if FLAGS.guidance else None
-    settings = {"stages": FLAGS.stages, "t5": FLAGS.t5, "sample_fn": FLAGS.sample_fn,
-                "num_steps": FLAGS.num_steps, "sampler": FLAGS.sampler, "guidance": guidance,
-                "guidance_stage": FLAGS.guidance_stage}
+    settings = {
+        "stages": FLAGS.stages,
+        "t5": FLAGS.t5,
+        "sample_fn": FLAGS.sample_fn,
+        "num_steps": FLAGS.num_steps,
+        "sampler": FLAGS.sampler,
+        "guidance": guidance,
+        "guidance_stage": FLAGS.guidance_stage,
+    }
     run = drawbench.run_drawbench(
-        factory(guidance), FLAGS.out, num_per_prompt=FLAGS.num_per_prompt,
-        categories=FLAGS.categories or None, seed=FLAGS.seed, prompts_per_batch=FLAGS.batch_size,
-        scorers=make_scorers(), label=FLAGS.label, settings=settings,
+        factory(guidance),
+        FLAGS.out,
+        num_per_prompt=FLAGS.num_per_prompt,
+        categories=FLAGS.categories or None,
+        seed=FLAGS.seed,
+        prompts_per_batch=FLAGS.batch_size,
+        scorers=make_scorers(),
+        label=FLAGS.label,
+        settings=settings,
         progress=lambda done, total: logging.info("drawbench: %d / %d prompts", done, total),
     )
     path = report.write_report(FLAGS.out, embed=FLAGS.embed_images)
@@ -213,12 +252,23 @@ def run_fid_cmd() -> None:
     guidance = float(FLAGS.guidance[0]) if FLAGS.guidance else None
     prompts = load_eval_prompts(FLAGS.num_samples)
     store = fid.SampleStore(
-        os.path.join(FLAGS.out, "samples"), chunk_size=FLAGS.batch_size, seed=FLAGS.seed,
-        settings={"stages": FLAGS.stages, "sample_fn": FLAGS.sample_fn, "guidance": guidance,
-                  "num_steps": FLAGS.num_steps, "num_prompts": len(prompts)},
+        os.path.join(FLAGS.out, "samples"),
+        chunk_size=FLAGS.batch_size,
+        seed=FLAGS.seed,
+        settings={
+            "stages": FLAGS.stages,
+            "sample_fn": FLAGS.sample_fn,
+            "guidance": guidance,
+            "num_steps": FLAGS.num_steps,
+            "num_prompts": len(prompts),
+        },
     )
-    store.fill(factory(guidance), prompts, FLAGS.num_samples,
-               progress=lambda d, t: logging.info("fid: %d / %d samples", d, t))
+    store.fill(
+        factory(guidance),
+        prompts,
+        FLAGS.num_samples,
+        progress=lambda d, t: logging.info("fid: %d / %d samples", d, t),
+    )
     result: dict = {"num_samples": FLAGS.num_samples, "guidance": guidance}
     if FLAGS.inception_weights:
         extractor = make_inception()
@@ -244,11 +294,23 @@ def run_sweep_cmd() -> None:
     extractor = make_inception() if FLAGS.inception_weights else None
     ref = reference_stats(extractor) if extractor is not None else None
     points = sweep.run_guidance_sweep(
-        factory, guidances, prompts, FLAGS.out, num_samples=FLAGS.num_samples,
-        chunk_size=FLAGS.batch_size, seed=FLAGS.seed, feature_fn=extractor, reference=ref,
-        extractor_id=getattr(extractor, "fingerprint", ""), scorers=make_scorers(),
-        settings={"stages": FLAGS.stages, "sample_fn": FLAGS.sample_fn,
-                  "guidance_stage": FLAGS.guidance_stage, "num_steps": FLAGS.num_steps},
+        factory,
+        guidances,
+        prompts,
+        FLAGS.out,
+        num_samples=FLAGS.num_samples,
+        chunk_size=FLAGS.batch_size,
+        seed=FLAGS.seed,
+        feature_fn=extractor,
+        reference=ref,
+        extractor_id=getattr(extractor, "fingerprint", ""),
+        scorers=make_scorers(),
+        settings={
+            "stages": FLAGS.stages,
+            "sample_fn": FLAGS.sample_fn,
+            "guidance_stage": FLAGS.guidance_stage,
+            "num_steps": FLAGS.num_steps,
+        },
     )
     png = sweep.plot_sweep(points, os.path.join(FLAGS.out, "sweep.png"))
     print(json.dumps(points))
@@ -268,7 +330,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
-        raise app.UsageError(f"usage: python -m launch.evaluate {{{'|'.join(SUBCOMMANDS)}}} --out=DIR ...")
+        raise app.UsageError(
+            f"usage: python -m launch.evaluate {{{'|'.join(SUBCOMMANDS)}}} --out=DIR ..."
+        )
     if not FLAGS.out:
         raise app.UsageError("--out=DIR is required")
     os.makedirs(FLAGS.out, exist_ok=True)

@@ -48,8 +48,7 @@ def _stages(num_steps=(3, 2, 2), guidance=(2.0, 1.0, 3.0)):
 @pytest.fixture(scope="module")
 def tiny_cascade():
     stages = _stages()
-    params = [cascade.init_params(s, jax.random.PRNGKey(i), EMBED_DIM)
-              for i, s in enumerate(stages)]
+    params = [cascade.random_params(s, seed=i) for i, s in enumerate(stages)]
     return cascade.Cascade(stages, params, embed_dim=EMBED_DIM)
 
 
@@ -64,22 +63,35 @@ def _count(pattern, text):
     return len(re.findall(pattern, text))
 
 
+def _compiled(c, batch=8):
+    """The program ``Cascade.sample`` uses for embeddings of TEXT_LEN tokens (shared cache)."""
+    return c.compile(batch, start=0, stop=None, encode=False, progress=False,
+                     text_length=TEXT_LEN)
+
+
+def _sampling_loops(stablehlo: str) -> int:
+    """While loops outside jax's PRNG helpers (threefry lowers its rounds to a loop on CPU)."""
+    funcs = re.split(r"(?=func\.func )", stablehlo)
+    return sum(_count(r"stablehlo\.while", f) for f in funcs
+               if not re.match(r"func\.func (private |public )?@_?threefry", f))
+
+
 def test_one_loop_per_stage_no_host_round_trips(tiny_cascade):
-    lowered = tiny_cascade.lower(8)
-    text = lowered.as_text()
-    assert _count(r"stablehlo\.while", text) == 3, "expected one sampling loop per stage"
+    text = tiny_cascade.lower(8).as_text()
+    assert _sampling_loops(text) == 3, "expected one sampling loop per stage"
     # A host round-trip would show up as a callback custom-call, infeed/outfeed or send/recv.
     for op in ("callback", "infeed", "outfeed", "stablehlo.send", "stablehlo.recv"):
         assert op not in text, f"{op} in the cascade program"
-    compiled_text = lowered.compile().as_text()
-    assert _count(r"\bwhile\(", compiled_text) == 3
+    compiled_text = _compiled(tiny_cascade).as_text()
     assert "callback" not in compiled_text
+    # One executable: the stages are not separate programs glued together by the host.
+    assert compiled_text.count("\nENTRY ") == 1
 
 
 def test_progress_adds_callbacks_only_when_asked(tiny_cascade):
     text = tiny_cascade.lower(8, progress=True).as_text()
     assert "callback" in text
-    assert _count(r"stablehlo\.while", text) == 3
+    assert _sampling_loops(text) == 3
 
 
 def _op_count(text):
@@ -94,9 +106,12 @@ def test_program_size_does_not_depend_on_num_steps(tiny_cascade):
         c = cascade.Cascade(stages, tiny_cascade.params, embed_dim=EMBED_DIM,
                             mesh=tiny_cascade.mesh)
         lowered = c.lower(8)
-        compiled = lowered.compile().as_text()
-        sizes[steps] = (_op_count(lowered.as_text()), len(re.sub(r"\d+", "", compiled)))
-    assert sizes[10] == sizes[50]
+        compiled = _compiled(c).as_text()
+        sizes[steps] = (_op_count(lowered.as_text()), _count(r"\n\s+\S+ = ", compiled))
+    # The StableHLO is op-for-op the same; XLA may fold a constant differently (+-1 instruction
+    # seen), far from the 5x an unrolled loop would give.
+    assert sizes[10][0] == sizes[50][0]
+    assert abs(sizes[10][1] - sizes[50][1]) <= 0.001 * sizes[10][1]
 
 
 def test_bitwise_reproducible_and_seed_dependent(tiny_cascade):
@@ -135,8 +150,7 @@ def test_prefix_and_suffix_match_the_full_cascade(tiny_cascade):
 def test_batch_and_params_are_sharded_over_the_mesh(tiny_cascade):
     mesh = tiny_cascade.mesh
     assert mesh.devices.size == 8
-    lowered = tiny_cascade.lower(8)
-    outs = lowered.compile().output_shardings
+    outs = _compiled(tiny_cascade).output_shardings
     for sharding in outs:
         assert sharding.spec[0] == tuple(a for a in partitioning.BATCH_AXES
                                         if a in mesh.axis_names)
@@ -156,23 +170,26 @@ def test_batch_and_params_are_sharded_over_the_mesh(tiny_cascade):
 def test_guidance_uses_one_doubled_batch_model_call():
     """w != 1 runs cond + uncond in one call on 2B; w == 1 skips the unconditional half."""
     stages = _stages(num_steps=(2, 2, 2), guidance=(1.0, 1.0, 1.0))
-    seen = []
+    seen, uncond_masked = [], []
 
     class Spy:
         def apply(self, variables, x, t, embeds, mask, lowres=None, aug_level=None):
-            seen.append((x.shape[0], bool(np.all(np.asarray(mask[x.shape[0] // 2:]) == 0))))
+            seen.append(x.shape[0])
+            second_half_null = jnp.all(~mask[x.shape[0] // 2:]) & jnp.all(
+                embeds[x.shape[0] // 2:] == 0)
+            jax.debug.callback(lambda v: uncond_masked.append(bool(v)), second_half_null)
             return jnp.zeros_like(x)
 
     for w, expect in ((1.0, 4), (3.0, 8)):
         seen.clear()
+        uncond_masked.clear()
         stage = stages[0].replace(model=Spy()).with_sampling(guidance_weight=w, num_steps=1)
         embeds, mask = _embeds(4, seed=3)
         mask[:, 0] = True
         cascade.sample_stage(stage, {}, jnp.asarray(embeds), jnp.asarray(mask),
                              jax.random.PRNGKey(0))
-        assert seen and all(b == expect for b, _ in seen)
-        if w != 1.0:
-            assert all(uncond_masked for _, uncond_masked in seen)
+        assert seen and all(b == expect for b in seen)
+        assert uncond_masked and all(uncond_masked) == (w != 1.0)
 
 
 def test_chain_errors_are_clear():

@@ -213,14 +213,15 @@ def test_noise_augment_is_the_forward_process():
 def test_dynamic_threshold_matches_numpy_transcription(shape, percentile):
     rng = np.random.default_rng(sum(shape) + int(percentile))
     # Per-sample scales from 0.3 (no-op, s < 1) to 4 (heavily clipped).
-    scale = np.geomspace(0.3, 4.0, shape[0]).reshape((-1,) + (1,) * (len(shape) - 1))
+    scale = np.geomspace(0.2, 4.0, shape[0]).reshape((-1,) + (1,) * (len(shape) - 1))
     x0 = (rng.standard_normal(shape) * scale).astype(np.float32)
+    x0.reshape(shape[0], -1)[0, 0] = 3.0  # one outlier in a sample whose percentile is < 1
     got = np.asarray(D.dynamic_threshold(jnp.asarray(x0), percentile=percentile))
     np.testing.assert_allclose(got, np_dynamic_threshold(x0, percentile), rtol=1e-6, atol=1e-6)
     assert np.abs(got).max() <= 1.0 + 1e-6
     # Per sample, not per batch: a sample whose percentile is <= 1 is only clipped to [-1, 1].
     low = np.percentile(np.abs(x0).reshape(shape[0], -1), percentile, axis=1) <= 1
-    assert low.any() and (~low).any()
+    assert (~low).any() and (low.any() or percentile == 100.0)
     np.testing.assert_array_equal(got[low], np.clip(x0[low], -1, 1))
 
 

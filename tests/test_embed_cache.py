@@ -19,7 +19,7 @@ import pytest
 from imagen_jax.data import embed_cache, pipeline
 from tests.test_pipeline_resume import REPO, SHAPES, loader, shapes_source
 
-MAX_LENGTH = 32
+MAX_LENGTH = 64  # shapes captions are up to ~45 tokens with this tiny vocabulary
 SHARD_SIZE = 7  # 24 examples -> shards of 7, 7, 7, 3
 ENCODE_BATCH = 4
 
@@ -130,7 +130,8 @@ def test_cache_refuses_another_encoder_or_max_length(data_dir, cache_dir, encode
     assert short.fingerprint != encoder.fingerprint
     with pytest.raises(embed_cache.CacheMismatchError, match="was built with encoder .* but this"):
         cache_iterator(data_dir, cache_dir, encoder, fingerprint=short.fingerprint)
-    with pytest.raises(embed_cache.CacheMismatchError, match="max_length=32 .* max_length=16"):
+    with pytest.raises(embed_cache.CacheMismatchError,
+                       match=f"max_length={MAX_LENGTH} .* max_length=16"):
         cache_iterator(data_dir, cache_dir, encoder, max_length=16)
     # Resuming/extending a cache with a different encoder is refused, nothing is overwritten.
     before = sorted(os.listdir(cache_dir))

@@ -30,11 +30,25 @@ def write_tiny_tokenizer(directory) -> None:
 def hf_model():
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                         bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4),
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=VOCAB - 2,
+            eos_token_id=VOCAB - 1,
+            pad_token_id=VOCAB - 1,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
         projection_dim=24,
     )
     model = transformers.CLIPModel(cfg).eval()
@@ -95,11 +109,18 @@ def to_openai_layout(hf_sd):
         while f"{src}.encoder.layers.{i}.layer_norm1.weight" in sd:
             s, d = f"{src}.encoder.layers.{i}", f"{dst}.resblocks.{i}"
             out[f"{d}.attn.in_proj_weight"] = np.concatenate(
-                [sd[f"{s}.self_attn.{n}_proj.weight"] for n in "qkv"])
+                [sd[f"{s}.self_attn.{n}_proj.weight"] for n in "qkv"]
+            )
             out[f"{d}.attn.in_proj_bias"] = np.concatenate(
-                [sd[f"{s}.self_attn.{n}_proj.bias"] for n in "qkv"])
-            for a, b in [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                         ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
+                [sd[f"{s}.self_attn.{n}_proj.bias"] for n in "qkv"]
+            )
+            for a, b in [
+                ("self_attn.out_proj", "attn.out_proj"),
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+            ]:
                 for leaf in ("weight", "bias"):
                     out[f"{d}.{b}.{leaf}"] = sd[f"{s}.{a}.{leaf}"]
             i += 1
@@ -110,8 +131,11 @@ def to_openai_layout(hf_sd):
     out["visual.conv1.weight"] = sd[f"{v}.embeddings.patch_embedding.weight"]
     out["visual.class_embedding"] = sd[f"{v}.embeddings.class_embedding"]
     out["visual.positional_embedding"] = sd[f"{v}.embeddings.position_embedding.weight"]
-    for a, b in [(f"{v}.pre_layrnorm", "visual.ln_pre"), (f"{v}.post_layernorm", "visual.ln_post"),
-                 (f"{t}.final_layer_norm", "ln_final")]:
+    for a, b in [
+        (f"{v}.pre_layrnorm", "visual.ln_pre"),
+        (f"{v}.post_layernorm", "visual.ln_post"),
+        (f"{t}.final_layer_norm", "ln_final"),
+    ]:
         out[f"{b}.weight"], out[f"{b}.bias"] = sd[f"{a}.weight"], sd[f"{a}.bias"]
     out["visual.proj"] = sd["visual_projection.weight"].T
     out["token_embedding.weight"] = sd[f"{t}.embeddings.token_embedding.weight"]
@@ -123,12 +147,19 @@ def to_openai_layout(hf_sd):
 
 def test_openai_layout_parity(hf_model, tmp_path):
     path = str(tmp_path / "open_clip_tiny.pth")
-    torch.save({k: torch.from_numpy(v) for k, v in to_openai_layout(hf_model.state_dict()).items()},
-               path)
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in to_openai_layout(hf_model.state_dict()).items()}, path
+    )
     # Head counts cannot be read from tensor shapes; the rest of the config is inferred.
     config = clip.config_from_state_dict(load_state_dict(path), vision_heads=4, text_heads=4)
-    assert (config.vision_width, config.vision_layers, config.patch_size, config.image_size,
-            config.embed_dim, config.context_length) == (48, 2, 8, 32, 24, 16)
+    assert (
+        config.vision_width,
+        config.vision_layers,
+        config.patch_size,
+        config.image_size,
+        config.embed_dim,
+        config.context_length,
+    ) == (48, 2, 8, 32, 24, 16)
     config, params = clip.load_clip(path, config)
     pixels, ids = _inputs(seed=1)
     exp_img, exp_txt = _hf_features(hf_model, pixels, ids)
@@ -147,9 +178,13 @@ def test_clip_scorer_matches_reference_formula(hf_model, tmp_path):
     got = scorer(images, prompts)
 
     tok = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
-    ids = torch.tensor(tok(prompts, padding="max_length", truncation=True, max_length=16)["input_ids"])
-    pixels = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-              - torch.tensor(clip.CLIP_MEAN)[:, None, None]) / torch.tensor(clip.CLIP_STD)[:, None, None]
+    ids = torch.tensor(
+        tok(prompts, padding="max_length", truncation=True, max_length=16)["input_ids"]
+    )
+    pixels = (
+        torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        - torch.tensor(clip.CLIP_MEAN)[:, None, None]
+    ) / torch.tensor(clip.CLIP_STD)[:, None, None]
     img, txt = _hf_features(hf_model, pixels, ids)
     cos = (img * txt).sum(-1) / np.linalg.norm(img, axis=-1) / np.linalg.norm(txt, axis=-1)
     np.testing.assert_allclose(got, 100 * np.maximum(cos, 0), atol=1e-3)
@@ -163,8 +198,11 @@ def test_published_configs_have_published_sizes(name, expected):
     """Parameter counts of OpenAI's released models (without the logit scale)."""
     cfg = clip.CLIP_CONFIGS[name]
     shapes = jax.eval_shape(
-        clip.CLIP(cfg).init, jax.random.PRNGKey(0),
-        jnp.zeros((1, cfg.image_size, cfg.image_size, 3)), jnp.zeros((1, 77), jnp.int32))
+        clip.CLIP(cfg).init,
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, cfg.image_size, cfg.image_size, 3)),
+        jnp.zeros((1, 77), jnp.int32),
+    )
     assert sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)) == expected
 
 

@@ -49,10 +49,20 @@ def _chromium_dump(page: str, tmp_path) -> str:
     if CHROMIUM is None:
         pytest.fail("chromium is not installed: run tools/install_system_deps.sh (make setup-test)")
     cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--allow-file-access-from-files",
-        "--virtual-time-budget=20000", "--dump-dom", f"file://{page}",
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=20000",
+        "--dump-dom",
+        f"file://{page}",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -69,7 +79,8 @@ window.addEventListener('load', () => {
   const pre = document.createElement('pre');
   pre.id = 'probe';
   let extra = null;
-  try { extra = (typeof probeExtra === 'function') ? probeExtra() : null; } catch (e) { extra = String(e); }
+  try { extra = (typeof probeExtra === 'function') ? probeExtra() : null; }
+  catch (e) { extra = String(e); }
   pre.textContent = JSON.stringify({total: imgs.length, loaded: ok, extra: extra});
   document.body.appendChild(pre);
 });
@@ -98,16 +109,18 @@ def test_all_200_prompts_report_opens_in_chromium(tmp_path):
         return stand_in_factory()(prompts, seed)
 
     scorers = {"mean_brightness": lambda im, p: im.reshape(len(im), -1).mean(1) / 255}
-    run = drawbench.run_drawbench(sample_fn, out, num_per_prompt=1, prompts_per_batch=50,
-                                  scorers=scorers, label="stand-in")
+    run = drawbench.run_drawbench(
+        sample_fn, out, num_per_prompt=1, prompts_per_batch=50, scorers=scorers, label="stand-in"
+    )
     assert len(calls) == 4 and [s for _, s in calls] == [0, 1, 2, 3]
     assert len(run["prompts"]) == 200 and run["prompts"][7]["prompt"] == calls[0][0][7]
     assert len(run["grids"]) == 11
     grid = np.asarray(Image.open(os.path.join(out, run["grids"]["Reddit"])))
     assert grid.shape == (38 * 130 + 2, 130 + 2, 3)  # 38 prompts x 1 sample, 128px + padding
     colors = [e for e in run["prompts"] if e["category"] == "Colors"]
-    expected = np.mean([np.asarray(Image.open(os.path.join(out, e["images"][0]))).mean() / 255
-                        for e in colors])
+    expected = np.mean(
+        [np.asarray(Image.open(os.path.join(out, e["images"][0]))).mean() / 255 for e in colors]
+    )
     assert run["category_means"]["Colors"]["mean_brightness"] == pytest.approx(expected)
 
     page = report.write_report(out)
@@ -146,13 +159,18 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         for ra, rb in zip(a["images"], b["images"]):
             np.testing.assert_array_equal(
                 np.asarray(Image.open(tmp_path / "full" / ra)),
-                np.asarray(Image.open(tmp_path / "resumed" / rb)))
+                np.asarray(Image.open(tmp_path / "resumed" / rb)),
+            )
 
 
 def test_bad_sample_fn_output_is_named(tmp_path):
     with pytest.raises(ValueError, match="sample_fn must return uint8"):
-        drawbench.run_drawbench(lambda p, s: np.zeros((len(p), 8, 8, 3), np.float32),
-                                str(tmp_path), num_per_prompt=1, categories=["Text"])
+        drawbench.run_drawbench(
+            lambda p, s: np.zeros((len(p), 8, 8, 3), np.float32),
+            str(tmp_path),
+            num_per_prompt=1,
+            categories=["Text"],
+        )
 
 
 def test_side_by_side_page_records_choices(tmp_path):
@@ -171,8 +189,9 @@ def test_side_by_side_page_records_choices(tmp_path):
     rate = """
     function probeExtra() {
       document.getElementById('rater').value = 'r1';
-      for (const el of document.querySelectorAll('input[value="left"][name^="alignment_"]')) el.click();
-      for (const el of document.querySelectorAll('input[value="tie"][name^="fidelity_"]')) el.click();
+      const pick = (v, q) => document.querySelectorAll(`input[value="${v}"][name^="${q}_"]`);
+      for (const el of pick('left', 'alignment')) el.click();
+      for (const el of pick('tie', 'fidelity')) el.click();
       return collectChoices();
     }"""
     result = _probe(page, tmp_path, rate)
@@ -213,15 +232,27 @@ def test_launcher_drawbench_and_compare(tmp_path):
             evaluate.FLAGS.unparse_flags()
 
     fn = "tests.test_eval_drawbench:stand_in_factory"
-    run("drawbench", f"--sample_fn={fn}", f"--out={tmp_path / 'a'}", "--num_per_prompt=1",
-        "--categories=Counting,Positional", "--guidance=2")
+    run(
+        "drawbench",
+        f"--sample_fn={fn}",
+        f"--out={tmp_path / 'a'}",
+        "--num_per_prompt=1",
+        "--categories=Counting,Positional",
+        "--guidance=2",
+    )
     run_a = drawbench.load_run(str(tmp_path / "a"))
     assert len(run_a["prompts"]) == 39 and run_a["settings"]["guidance"] == 2.0
     # No weights given: shapes adherence is the metric; it does not apply to DrawBench prompts.
     assert run_a["metrics"] == ["shapes_adherence"]
     assert os.path.exists(tmp_path / "a" / "index.html")
-    run("drawbench", f"--sample_fn={fn}", f"--out={tmp_path / 'b'}", "--num_per_prompt=1",
-        "--categories=Counting", "--seed=1")
+    run(
+        "drawbench",
+        f"--sample_fn={fn}",
+        f"--out={tmp_path / 'b'}",
+        "--num_per_prompt=1",
+        "--categories=Counting",
+        "--seed=1",
+    )
     run("drawbench", f"--compare={tmp_path / 'a'},{tmp_path / 'b'}", f"--out={tmp_path / 'c'}")
     with open(tmp_path / "c" / "assignment.json") as f:
         assert len(json.load(f)["items"]) == 19  # the prompts both runs share

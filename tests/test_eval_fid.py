@@ -11,7 +11,9 @@ from imagen_jax.eval import fid
 
 
 def _random_stats(rng, dim, n):
-    x = rng.standard_normal((n, dim)) @ rng.standard_normal((dim, dim)) * 0.3 + rng.standard_normal(dim)
+    x = rng.standard_normal((n, dim)) @ rng.standard_normal((dim, dim)) * 0.3 + rng.standard_normal(
+        dim
+    )
     return x.mean(0), np.cov(x, rowvar=False)
 
 
@@ -64,13 +66,15 @@ def test_streamed_stats_equal_numpy():
     for chunk in np.array_split(feats, [7, 300, 301, 900]):
         stats.update(chunk)
     np.testing.assert_allclose(stats.mu, feats.astype(np.float64).mean(0), rtol=1e-12)
-    np.testing.assert_allclose(stats.sigma, np.cov(feats.astype(np.float64), rowvar=False),
-                               rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(
+        stats.sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-15
+    )
 
 
 def test_stats_save_load_roundtrip(tmp_path):
-    stats = fid.FeatureStats.from_features(np.random.default_rng(2).standard_normal((50, 8)),
-                                           extractor="x")
+    stats = fid.FeatureStats.from_features(
+        np.random.default_rng(2).standard_normal((50, 8)), extractor="x"
+    )
     path = str(tmp_path / "s.npz")
     stats.save(path)
     back = fid.FeatureStats.load(path)
@@ -134,8 +138,13 @@ def test_reference_stats_from_directory_are_cached(tmp_path):
         seen.append(images.shape)
         return _color_features(images)
 
-    kw = dict(extractor_id="color:1", cache_dir=str(tmp_path / "cache"), resolution=16,
-              batch_size=2, dim=6)
+    kw = dict(
+        extractor_id="color:1",
+        cache_dir=str(tmp_path / "cache"),
+        resolution=16,
+        batch_size=2,
+        dim=6,
+    )
     stats = fid.reference_stats(str(ref), feature_fn, **kw)
     assert stats.n == 5 and seen == [(2, 16, 16, 3), (2, 16, 16, 3), (1, 16, 16, 3)]
     again = fid.reference_stats(str(ref), feature_fn, **kw)

@@ -110,8 +110,11 @@ def test_weight_formats_agree(reference, tmp_path):
     sd = load_state_dict(path)
     # The legacy (pre-zip) torch stream and the wrapper's own blocks.i.j names load identically.
     legacy = str(tmp_path / "legacy.pth")
-    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, legacy,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in sd.items()},
+        legacy,
+        _use_new_zipfile_serialization=False,
+    )
     wrapper = str(tmp_path / "wrapper.pth")
     torch.save(model.state_dict(), wrapper)
     ref = inception.variables_from_state_dict(sd)

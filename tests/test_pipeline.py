@@ -296,6 +296,10 @@ def test_bad_specs_are_refused():
         pipeline.StageSpec(resolution=256, source_resolution=64)
     with pytest.raises(pipeline.DataError, match="crop='middle'"):
         pipeline.StageSpec(crop="middle")
+    with pytest.raises(pipeline.DataError, match="LoaderSpec.batch_size must be >= 1"):
+        pipeline.LoaderSpec(batch_size=0)
+    with pytest.raises(pipeline.DataError, match="num_epochs must be >= 1 or None"):
+        pipeline.LoaderSpec(num_epochs=0)
     with pytest.raises(pipeline.DataError, match="needs cache_dir"):
         pipeline.TextSpec(mode="cache")
     with pytest.raises(pipeline.DataError, match="'cache' or 'tokens'"):

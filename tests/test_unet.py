@@ -10,7 +10,7 @@ import pytest
 from imagen_jax import partitioning
 from imagen_jax.nn import BaseUNet, EfficientUNet, tiny_base, tiny_sr
 from imagen_jax.nn.attention import AttentionBlock, AttentionPool
-from imagen_jax.nn.layers import sinusoidal_embedding
+from imagen_jax.nn.layers import ResBlock, sinusoidal_embedding
 
 B, SIZE, L, D = 2, 16, 5, 32
 
@@ -28,21 +28,27 @@ def _inputs(seed=0, size=SIZE, lowres=None):
     return args
 
 
-def _perturbed_params(model, args, seed=1):
-    """Init, then perturb every parameter so zero-initialised outputs are not trivially zero.
+def random_params(model, args, seed=1):
+    """Random parameters with the model's tree structure, none zero (so zero-initialised output
+    layers do not hide anything). Shapes come from eval_shape and values from numpy: compiling
+    the real init costs tens of seconds on a shared CPU and is exercised once, below."""
+    abstract = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *args)
+    rng = np.random.default_rng(seed)
 
-    Jitted: eager init dispatches thousands of tiny ops, slow on a shared CPU.
-    """
+    def sample(path, leaf):
+        name = str(getattr(path[-1], "key", ""))
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        if name == "scale":
+            return jnp.asarray(1.0 + 0.05 * noise)
+        if name == "bias":
+            return jnp.asarray(0.05 * noise)
+        fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 1
+        return jnp.asarray(noise / np.sqrt(fan_in))
 
-    @jax.jit
-    def init(key, *a):
-        params = nn.meta.unbox(model.init(jax.random.key(0), *a))["params"]
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(key, len(leaves))
-        leaves = [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
-        return jax.tree.unflatten(treedef, leaves)
+    return jax.tree_util.tree_map_with_path(sample, nn.meta.unbox(abstract)["params"])
 
-    return init(jax.random.key(seed), *args)
+
+_perturbed_params = random_params
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +65,15 @@ def sr_setup():
     return model, args, _perturbed_params(model, args)
 
 
-def test_zero_init_output_and_shapes(base_setup, sr_setup):
-    for model, args, _ in (base_setup, sr_setup):
-        variables = jax.jit(model.init)(jax.random.key(0), *args)
-        out = jax.jit(model.apply)(variables, *args)
-        assert out.shape == args[0].shape and out.dtype == jnp.float32
-        # The output conv is zero-initialised: an untrained model predicts eps = 0.
-        np.testing.assert_array_equal(np.asarray(out), 0.0)
+def test_zero_init_output_and_shapes(sr_setup):
+    # One-level model: compiling the real init costs time proportional to the layer count.
+    model = sr_setup[0].clone(blocks=((16, 1),), self_attention=True, cross_attention=True)
+    args = sr_setup[1]
+    variables = jax.jit(model.init)(jax.random.key(0), *args)
+    out = jax.jit(model.apply)(variables, *args)
+    assert out.shape == args[0].shape and out.dtype == jnp.float32
+    # The output conv is zero-initialised: an untrained model predicts eps = 0.
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
 @pytest.mark.parametrize("which", ["base", "sr"])
@@ -189,34 +197,45 @@ def test_every_parameter_has_logical_axes(which):
         assert len(leaf.names) == leaf.value.ndim
 
 
-def test_sharded_init_and_apply_match_single_device(sr_setup):
-    """FSDP-sharded init on the 8-device mesh; the sharded forward equals the replicated one."""
-    model, args, _ = sr_setup
+def test_sharded_apply_matches_single_device(sr_setup):
+    """Parameters FSDP-sharded by their logical names on the 8-device mesh (the shardings
+    `partitioning.sharded_init` uses); the sharded forward equals the single-device one."""
+    model, args, params = sr_setup
     mesh = partitioning.make_mesh(data=2, fsdp=4)
     rules = partitioning.FSDP_RULES
-    variables, shardings = partitioning.sharded_init(
-        lambda *a: model.init(jax.random.key(0), *a), mesh, rules, *args)
-    kernel = variables["params"]["down_1_res_0"]["conv_0"]["conv"]["kernel"]  # [3,3,32,32]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
-    params = _perturbed_params(model, args)
-    params = jax.device_put(params, shardings["params"])
+    abstract = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *args)
+    shardings = partitioning.logical_to_shardings(partitioning.logical_specs(abstract), mesh,
+                                                  rules)["params"]
+    kernel = shardings["down_1_res_0"]["conv_0"]["conv"]["kernel"]  # [3, 3, 32, 32]
+    assert kernel.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    # The image-facing 3-channel sides are never split (3 is not divisible by the mesh).
+    assert all(a is None for a in shardings["conv_out"]["conv"]["kernel"].spec)
+    single = jax.jit(model.apply)({"params": params}, *args)
+    params = jax.device_put(params, shardings)
     with mesh, nn.logical_axis_rules(tuple(rules)):
         sharded = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(params, *args)
-    single = jax.jit(model.apply)({"params": jax.device_get(params)}, *args)
     np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-5)
 
 
-def test_remat_matches_plain(base_setup):
+def test_remat_wraps_every_block_and_keeps_gradients(base_setup):
     model, args, params = base_setup
-    remat_model = model.clone(remat=True)
 
     def loss(m, p):
         return jnp.mean(m.apply({"params": p}, *args, train=True) ** 2)
 
-    g_plain = jax.jit(jax.grad(lambda p: loss(model, p)))(params)
-    g_remat = jax.jit(jax.grad(lambda p: loss(remat_model, p)))(params)
-    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(model.clone(remat=True), p)))(params))
+    # tiny_base: residual blocks 3 down (incl. downsample), 2 mid, 5 up (incl. upsample) = 10;
+    # attention blocks 1 down, 1 mid, 2 up = 4: one rematerialised region each.
+    assert jaxpr.count("remat2[") == 14
+    assert "remat2[" not in str(jax.make_jaxpr(jax.grad(lambda p: loss(model, p)))(params))
+    # Numerics of the rematerialised gradient, on one residual block (cheap to compile).
+    block = ResBlock(16, num_groups=4)
+    x, emb = jnp.ones((2, 4, 4, 8)) * jnp.arange(8.0), jnp.linspace(-1, 1, 2 * 12).reshape(2, 12)
+    block_params = random_params(block, [x, emb])
+    grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, x, emb) ** 2)))(
+        block_params) for m in (block, nn.remat(ResBlock)(16, num_groups=4))]
+    for a, b in zip(*map(jax.tree.leaves, grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_params(sr_setup):

@@ -170,6 +170,17 @@ class LoaderSpec:
     process_index: int | None = None
     process_count: int | None = None
 
+    def __post_init__(self):
+        for field in ("batch_size", "read_threads", "read_buffer_size", "worker_buffer_size"):
+            if getattr(self, field) < 1:
+                raise DataError(f"LoaderSpec.{field} must be >= 1, got {getattr(self, field)}")
+        if self.worker_count < 0:
+            raise DataError(f"LoaderSpec.worker_count must be >= 0, got {self.worker_count}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise DataError(f"LoaderSpec.num_epochs must be >= 1 or None, got {self.num_epochs}")
+        if not 0 <= self.seed < 2**31:
+            raise DataError(f"LoaderSpec.seed must be in [0, 2**31), got {self.seed}")
+
     def host(self) -> tuple[int, int]:
         import jax
 
@@ -522,10 +533,6 @@ def build_dataset(
     ``tokens`` mode. In ``cache`` mode, ``text_fingerprint`` / ``text_max_length`` (the stage's
     encoder) are checked against the cache and a mismatch is refused.
     """
-    if loader.batch_size < 1:
-        raise DataError(f"LoaderSpec.batch_size must be >= 1, got {loader.batch_size}")
-    if not 0 <= loader.seed < 2**31:
-        raise DataError(f"LoaderSpec.seed must be in [0, 2**31), got {loader.seed}")
     src = TfdsSource(source)
     cache = None
     if text.mode == "cache":

@@ -230,9 +230,11 @@ def sample(
     Returns:
       The final sample [shape] (the last step's x0_hat), or (sample, trajectory).
 
-    One jitted program with a single `lax.scan` over the steps. Called inside a larger jitted
-    function (e.g. the cascade, with ``model_fn`` closing over traced parameters) it is traced
-    inline into that program.
+    One jitted program with a single `lax.scan` over the steps. Called eagerly, it compiles once
+    per (model_fn object, shape, settings). Called inside a larger jitted function it is traced
+    inline into that program: that is the way to sample a network, with ``model_fn`` closing over
+    parameters that are arguments of the outer jit (as the cascade does); an eager call with a
+    closure over concrete parameters would make them compile-time constants.
     """
     schedule = CosineSchedule() if schedule is None else schedule
     if not isinstance(schedule, Schedule):

@@ -146,8 +146,14 @@ class Transformer(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.layers):
             x = ResidualAttentionBlock(
-                self.width, self.heads, self.mlp_dim, self.activation, self.causal, self.eps,
-                self.precision, name=f"resblocks_{i}",
+                self.width,
+                self.heads,
+                self.mlp_dim,
+                self.activation,
+                self.causal,
+                self.eps,
+                self.precision,
+                name=f"resblocks_{i}",
             )(x)
         return x
 
@@ -162,15 +168,22 @@ class VisionTower(nn.Module):
         c = self.config
         p = c.patch_size
         x = nn.Conv(
-            c.vision_width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-            precision=c.precision, name="conv1",
+            c.vision_width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=False,
+            precision=c.precision,
+            name="conv1",
         )(pixels)  # [B, S/p, S/p, width]
         b = x.shape[0]
         x = x.reshape(b, -1, c.vision_width)
         cls = self.param("class_embedding", nn.initializers.normal(0.02), (c.vision_width,))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.vision_width)), x], axis=1)
         num_pos = (c.image_size // p) ** 2 + 1
-        pos = self.param("positional_embedding", nn.initializers.normal(0.01), (num_pos, c.vision_width))
+        pos = self.param(
+            "positional_embedding", nn.initializers.normal(0.01), (num_pos, c.vision_width)
+        )
         if x.shape[1] != num_pos:
             raise ValueError(
                 f"image of {pixels.shape[1]}x{pixels.shape[2]} gives {x.shape[1] - 1} patches; "
@@ -178,8 +191,15 @@ class VisionTower(nn.Module):
             )
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="ln_pre")(x + pos)
         x = Transformer(
-            c.vision_width, c.vision_layers, c.vision_heads, c.vision_mlp_dim, c.activation,
-            False, c.layer_norm_eps, c.precision, name="transformer",
+            c.vision_width,
+            c.vision_layers,
+            c.vision_heads,
+            c.vision_mlp_dim,
+            c.activation,
+            False,
+            c.layer_norm_eps,
+            c.precision,
+            name="transformer",
         )(x)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="ln_post")(x[:, 0])
         proj = self.param("proj", nn.initializers.lecun_normal(), (c.vision_width, c.embed_dim))
@@ -200,8 +220,15 @@ class TextTower(nn.Module):
         )
         x = x + pos[: ids.shape[1]]
         x = Transformer(
-            c.text_width, c.text_layers, c.text_heads, c.text_mlp_dim, c.activation, True,
-            c.layer_norm_eps, c.precision, name="transformer",
+            c.text_width,
+            c.text_layers,
+            c.text_heads,
+            c.text_mlp_dim,
+            c.activation,
+            True,
+            c.layer_norm_eps,
+            c.precision,
+            name="transformer",
         )(x)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="ln_final")(x)
         if c.eos_token_id is None:
@@ -209,7 +236,9 @@ class TextTower(nn.Module):
         else:
             eos = jnp.argmax(ids == c.eos_token_id, axis=-1)
         x = x[jnp.arange(x.shape[0]), eos]  # [B, text_width]
-        proj = self.param("text_projection", nn.initializers.lecun_normal(), (c.text_width, c.embed_dim))
+        proj = self.param(
+            "text_projection", nn.initializers.lecun_normal(), (c.text_width, c.embed_dim)
+        )
         return jnp.dot(x, proj, precision=c.precision)
 
 
@@ -314,7 +343,10 @@ def config_from_state_dict(sd: Mapping[str, np.ndarray], **overrides) -> CLIPCon
         kw = dict(
             embed_dim=sd["visual_projection.weight"].shape[0],
             patch_size=conv.shape[-1],
-            image_size=int(round((sd["vision_model.embeddings.position_embedding.weight"].shape[0] - 1) ** 0.5)) * conv.shape[-1],
+            image_size=int(
+                round((sd["vision_model.embeddings.position_embedding.weight"].shape[0] - 1) ** 0.5)
+            )
+            * conv.shape[-1],
             vision_width=vw,
             vision_layers=vl,
             vision_mlp_dim=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
@@ -331,7 +363,8 @@ def config_from_state_dict(sd: Mapping[str, np.ndarray], **overrides) -> CLIPCon
         kw = dict(
             embed_dim=sd["visual.proj"].shape[1],
             patch_size=conv.shape[-1],
-            image_size=int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)) * conv.shape[-1],
+            image_size=int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+            * conv.shape[-1],
             vision_width=vw,
             vision_layers=_count_layers(sd, "visual.transformer.resblocks."),
             vision_mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
@@ -354,7 +387,9 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], config: CLIPConfig) -> 
         if is_hf_state_dict(sd):
             v, t = "vision_model", "text_model"
             visual = {
-                "conv1": {"kernel": sd[f"{v}.embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0)},
+                "conv1": {
+                    "kernel": sd[f"{v}.embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0)
+                },
                 "class_embedding": sd[f"{v}.embeddings.class_embedding"],
                 "positional_embedding": sd[f"{v}.embeddings.position_embedding.weight"],
                 "ln_pre": _ln(sd, f"{v}.pre_layrnorm"),
@@ -398,8 +433,10 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], config: CLIPConfig) -> 
         jnp.zeros((1, config.image_size, config.image_size, 3)),
         jnp.zeros((1, config.context_length), jnp.int32),
     )["params"]
-    expected = {jax.tree_util.keystr(k): v.shape for k, v in
-                jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract))}
+    expected = {
+        jax.tree_util.keystr(k): v.shape
+        for k, v in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract))
+    }
     got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
     if expected != got:
         diff = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
@@ -414,10 +451,20 @@ def load_clip(path: str, config: CLIPConfig | str | None = None) -> tuple[CLIPCo
     ``"ViT-L/14"``), or None to infer it (from ``config.json`` in a HF directory, else shapes).
     """
     if os.path.isdir(path):
-        files = [f for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin",
-                             "open_clip_model.safetensors") if os.path.exists(os.path.join(path, f))]
+        files = [
+            f
+            for f in (
+                "model.safetensors",
+                "pytorch_model.bin",
+                "open_clip_pytorch_model.bin",
+                "open_clip_model.safetensors",
+            )
+            if os.path.exists(os.path.join(path, f))
+        ]
         if not files:
-            raise FileNotFoundError(f"no CLIP weights (model.safetensors / pytorch_model.bin) in {path}")
+            raise FileNotFoundError(
+                f"no CLIP weights (model.safetensors / pytorch_model.bin) in {path}"
+            )
         sd = load_state_dict(os.path.join(path, files[0]))
         cfg_path = os.path.join(path, "config.json")
         if config is None and os.path.exists(cfg_path) and is_hf_state_dict(sd):
@@ -555,7 +602,7 @@ def make_clip_scorer(
     batch_size: int = 64,
     mesh: Mesh | None = None,
 ) -> CLIPScorer:
-    """CLIP scorer from local weights (file or HF dir) and a tokenizer dir (default: weights dir)."""
+    """CLIP scorer from local weights (file or HF dir) and tokenizer dir (default: weights dir)."""
     cfg, params = load_clip(weights_path, config)
     tokenize = load_clip_tokenizer(tokenizer_path or weights_path, cfg.context_length)
     return CLIPScorer(cfg, params, tokenize, batch_size=batch_size, mesh=mesh)

@@ -53,8 +53,10 @@ def load_prompts(
     valid ones.
     """
     if path is None:
-        text = importlib.resources.files("imagen_jax").joinpath("assets/drawbench.csv").read_text(
-            encoding="utf-8"
+        text = (
+            importlib.resources.files("imagen_jax")
+            .joinpath("assets/drawbench.csv")
+            .read_text(encoding="utf-8")
         )
     else:
         with open(path, encoding="utf-8") as f:
@@ -92,9 +94,7 @@ def _save_png(image: np.ndarray, path: str) -> None:
 def make_grid(rows: Sequence[Sequence[np.ndarray]], cell: int, pad: int = 2) -> np.ndarray:
     """uint8 grid: ``rows[r][c]`` images resized to ``cell`` x ``cell``, white padding."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    grid = np.full(
-        (n_rows * (cell + pad) + pad, n_cols * (cell + pad) + pad, 3), 255, np.uint8
-    )
+    grid = np.full((n_rows * (cell + pad) + pad, n_cols * (cell + pad) + pad, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             im = Image.fromarray(image)
@@ -133,8 +133,11 @@ def run_drawbench(
     sample_seconds = 0.0
     for b in range(num_batches):
         batch = prompts[b * prompts_per_batch : (b + 1) * prompts_per_batch]
-        paths = [os.path.join(out_dir, image_relpath(p.index, k))
-                 for p in batch for k in range(num_per_prompt)]
+        paths = [
+            os.path.join(out_dir, image_relpath(p.index, k))
+            for p in batch
+            for k in range(num_per_prompt)
+        ]
         if all(os.path.exists(p) for p in paths):
             continue  # done before an interruption
         texts = [p.prompt for p in batch for _ in range(num_per_prompt)]
@@ -153,13 +156,15 @@ def run_drawbench(
 
     entries = []
     for p in prompts:
-        entries.append({
-            "index": p.index,
-            "prompt": p.prompt,
-            "category": p.category,
-            "images": [image_relpath(p.index, k) for k in range(num_per_prompt)],
-            "scores": {},
-        })
+        entries.append(
+            {
+                "index": p.index,
+                "prompt": p.prompt,
+                "category": p.category,
+                "images": [image_relpath(p.index, k) for k in range(num_per_prompt)],
+                "scores": {},
+            }
+        )
     _score_entries(entries, out_dir, scorers or {})
     by_category: dict[str, list[dict]] = {}
     for e in entries:

@@ -102,8 +102,14 @@ def frechet_distance(
     the non-symmetric product this never produces imaginary parts, and it handles the singular
     covariances of runs with fewer samples than feature dimensions without an epsilon offset.
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (
+        np.atleast_1d(np.asarray(mu1, np.float64)),
+        np.atleast_1d(np.asarray(mu2, np.float64)),
+    )
+    s1, s2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
         raise ValueError(
             f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs "
@@ -242,12 +248,17 @@ def reference_stats(
     """Statistics of a reference set, cached per (reference, resolution, count, extractor)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", reference.strip("/"))[-80:]
     path = os.path.join(
-        cache_dir, f"{slug}__r{resolution}_n{max_images or 'all'}__{extractor_id.split(':')[-1]}.npz"
+        cache_dir,
+        f"{slug}__r{resolution}_n{max_images or 'all'}__{extractor_id.split(':')[-1]}.npz",
     )
     if os.path.exists(path):
         return FeatureStats.load(path)
-    images = (im for im, _ in iter_reference(
-        reference, resolution=resolution, max_images=max_images, data_dir=data_dir))
+    images = (
+        im
+        for im, _ in iter_reference(
+            reference, resolution=resolution, max_images=max_images, data_dir=data_dir
+        )
+    )
     stats = stats_of_images(
         (np.stack(b) for b in _batched(images, batch_size)),
         feature_fn,

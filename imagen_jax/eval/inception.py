@@ -203,7 +203,12 @@ class InceptionV3FID(nn.Module):
         x = InceptionA(64, self.precision, name="Mixed_5c")(x)
         x = InceptionA(64, self.precision, name="Mixed_5d")(x)  # [B, 35, 35, 288]
         x = InceptionB(self.precision, name="Mixed_6a")(x)  # [B, 17, 17, 768]
-        for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        for name, c7 in (
+            ("Mixed_6b", 128),
+            ("Mixed_6c", 160),
+            ("Mixed_6d", 160),
+            ("Mixed_6e", 192),
+        ):
             x = InceptionC(c7, self.precision, name=name)(x)
         x = InceptionD(self.precision, name="Mixed_7a")(x)  # [B, 8, 8, 1280]
         x = InceptionE(False, self.precision, name="Mixed_7b")(x)
@@ -335,7 +340,9 @@ def _check_structure(variables: Mapping[str, Any]) -> None:
         jax.tree_util.keystr(k): v.shape
         for k, v in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract))
     }
-    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+    got = {
+        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(variables)
+    }
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     bad = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))

@@ -7,8 +7,8 @@ data URIs (``embed=True``: one file to mail to raters).
 Side-by-side mode reproduces the paper's human evaluation (Imagen, Section 4.2 / Appendix D.2):
 for every prompt a rater sees the two models' image sets, left/right randomised per prompt, and
 answers "Which set of images better represents the text caption?" (alignment) and "Which set of
-images is more photorealistic?" (fidelity) with left / right / indifferent. The page's "Save choices"
-button downloads the answers as JSON, already mapped back to run labels;
+images is more photorealistic?" (fidelity) with left / right / indifferent. The page's
+"Save choices" button downloads the answers as JSON, already mapped back to run labels;
 :func:`tally_choices` aggregates any number of such files.
 """
 
@@ -37,7 +37,8 @@ h1{font-size:1.5em} h2{border-bottom:1px solid #ccc;padding-top:.6em}
 .prompt p{margin:.2em 0 .5em 0}
 .imgs img{width:%(thumb)dpx;height:%(thumb)dpx;object-fit:contain;margin:2px;background:#ddd}
 .scores{font-size:.85em;color:#555} table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right} th:first-child,td:first-child{text-align:left}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th:first-child,td:first-child{text-align:left}
 nav a{margin-right:1em} .pair{display:flex;gap:1em} .side{flex:1;border:1px solid #ccc;padding:.4em}
 .side h4{margin:.2em 0} fieldset{border:0;padding:.2em 0} .done{color:#080}
 """
@@ -55,7 +56,9 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def write_report(run_dir: str, *, embed: bool = False, thumb: int = 128, title: str | None = None) -> str:
+def write_report(
+    run_dir: str, *, embed: bool = False, thumb: int = 128, title: str | None = None
+) -> str:
     """Writes ``run_dir/index.html`` (per category: prompts, images, scores); returns its path."""
     run = load_run(run_dir)
     title = title or f"DrawBench: {run['label']}"
@@ -68,26 +71,37 @@ def write_report(run_dir: str, *, embed: bool = False, thumb: int = 128, title: 
         f"<title>{html.escape(title)}</title><style>{_CSS % {'thumb': thumb}}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{len(run['prompts'])} prompts, {run['num_per_prompt']} samples each, seed "
-        f"{run['seed']}. Settings: <code>{html.escape(json.dumps(run.get('settings', {})))}</code></p>",
-        "<nav>" + "".join(
+        f"{run['seed']}. Settings: "
+        f"<code>{html.escape(json.dumps(run.get('settings', {})))}</code></p>",
+        "<nav>"
+        + "".join(
             f"<a href='#{category_slug(c)}'>{html.escape(c)} ({len(v)})</a>"
             for c, v in categories.items()
-        ) + "</nav>",
+        )
+        + "</nav>",
     ]
     if metrics:
         means = run["category_means"]
-        out.append("<h2>Mean scores</h2><table><tr><th>category</th>"
-                   + "".join(f"<th>{html.escape(m)}</th>" for m in metrics) + "</tr>")
+        out.append(
+            "<h2>Mean scores</h2><table><tr><th>category</th>"
+            + "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+            + "</tr>"
+        )
         for group in ["all", *categories]:
             row = means.get(group, {})
-            out.append(f"<tr><td>{html.escape(group)}</td>"
-                       + "".join(f"<td>{_fmt(row.get(m))}</td>" for m in metrics) + "</tr>")
+            out.append(
+                f"<tr><td>{html.escape(group)}</td>"
+                + "".join(f"<td>{_fmt(row.get(m))}</td>" for m in metrics)
+                + "</tr>"
+            )
         out.append("</table>")
     for category, entries in categories.items():
         out.append(f"<h2 id='{category_slug(category)}'>{html.escape(category)}</h2>")
         grid = run.get("grids", {}).get(category)
         if grid:
-            out.append(f"<p><a href='{_img_src(run_dir, grid, run_dir, False)}'>category grid</a></p>")
+            out.append(
+                f"<p><a href='{_img_src(run_dir, grid, run_dir, False)}'>category grid</a></p>"
+            )
         for e in entries:
             imgs = "".join(
                 f"<img src='{_img_src(run_dir, rel, run_dir, embed)}' alt='sample {k}' "
@@ -173,8 +187,9 @@ def write_side_by_side(
         left = rng.choice("AB")
         sides = {"A": (run_a, ea), "B": (run_b, eb)}
         order = [left, "B" if left == "A" else "A"]
-        items.append({"index": ea["index"], "prompt": ea["prompt"], "category": ea["category"],
-                      "left": left})
+        items.append(
+            {"index": ea["index"], "prompt": ea["prompt"], "category": ea["category"], "left": left}
+        )
         panes = []
         for pos, key in zip(("left", "right"), order):
             run_dir, entry = sides[key]
@@ -182,7 +197,9 @@ def write_side_by_side(
                 f"<img src='{_img_src(run_dir, rel, out_dir, embed)}' alt='{pos} sample {k}'>"
                 for k, rel in enumerate(entry["images"])
             )
-            panes.append(f"<div class='side'><h4>{pos.title()}</h4><div class='imgs'>{imgs}</div></div>")
+            panes.append(
+                f"<div class='side'><h4>{pos.title()}</h4><div class='imgs'>{imgs}</div></div>"
+            )
         questions = "".join(
             f"<fieldset><b>{html.escape(text)}</b> "
             + "".join(
@@ -202,24 +219,31 @@ def write_side_by_side(
         "labels": json.dumps(labels),
         "questions": json.dumps(list(QUESTIONS)),
     }
-    page = "\n".join([
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>DrawBench side by side</title>",
-        f"<style>{_CSS % {'thumb': thumb}}</style></head><body>",
-        "<h1>DrawBench side-by-side rating</h1>",
-        f"<p>{len(pairs)} prompts. For each prompt pick the better set of images for each question "
-        "(or Indifferent). Sides are shuffled per prompt. When done, press <b>Save choices</b> and "
-        "send the downloaded JSON file.</p>",
-        "<p><label>Rater name: <input id='rater' type='text'></label> <span id='count'></span></p>",
-        *body,
-        "<p><button id='save' type='button' onclick='saveChoices()'>Save choices</button></p>",
-        f"<script>{js}</script><script>updateCount();</script></body></html>",
-    ])
+    page = "\n".join(
+        [
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+            "<title>DrawBench side by side</title>",
+            f"<style>{_CSS % {'thumb': thumb}}</style></head><body>",
+            "<h1>DrawBench side-by-side rating</h1>",
+            f"<p>{len(pairs)} prompts. For each prompt pick the better set of images for each "
+            "question (or Indifferent). Sides are shuffled per prompt. When done, press "
+            "<b>Save choices</b> and send the downloaded JSON file.</p>",
+            "<p><label>Rater name: <input id='rater' type='text'></label> "
+            "<span id='count'></span></p>",
+            *body,
+            "<p><button id='save' type='button' onclick='saveChoices()'>Save choices</button></p>",
+            f"<script>{js}</script><script>updateCount();</script></body></html>",
+        ]
+    )
     path = os.path.join(out_dir, SIDE_BY_SIDE_FILE)
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
     with open(os.path.join(out_dir, "assignment.json"), "w") as f:
-        json.dump({"seed": seed, "runs": {"A": run_a, "B": run_b}, "labels": labels,
-                   "items": items}, f, indent=1)
+        json.dump(
+            {"seed": seed, "runs": {"A": run_a, "B": run_b}, "labels": labels, "items": items},
+            f,
+            indent=1,
+        )
     return path
 
 
@@ -241,6 +265,9 @@ def tally_choices(paths: Sequence[str]) -> dict[str, dict[str, float | int]]:
     out: dict[str, dict[str, float | int]] = {}
     for q, cnt in counts.items():
         n = sum(cnt.values())
-        out[q] = {**cnt, "n": n,
-                  "A_preference": (cnt["A"] + 0.5 * cnt["tie"]) / n if n else float("nan")}
+        out[q] = {
+            **cnt,
+            "n": n,
+            "A_preference": (cnt["A"] + 0.5 * cnt["tie"]) / n if n else float("nan"),
+        }
     return out

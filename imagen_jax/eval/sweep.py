@@ -100,9 +100,14 @@ def _write(path: str, points: list[dict], settings: dict | None) -> None:
 
 def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
     """Indices of points not dominated when maximising x and minimising y, by increasing x."""
-    idx = [i for i in range(len(xs)) if not any(
-        xs[j] >= xs[i] and ys[j] <= ys[i] and (xs[j] > xs[i] or ys[j] < ys[i])
-        for j in range(len(xs)))]
+    idx = [
+        i
+        for i in range(len(xs))
+        if not any(
+            xs[j] >= xs[i] and ys[j] <= ys[i] and (xs[j] > xs[i] or ys[j] < ys[i])
+            for j in range(len(xs))
+        )
+    ]
     return sorted(idx, key=lambda i: xs[i])
 
 
@@ -127,8 +132,15 @@ def plot_sweep(points: Sequence[dict], path: str, *, title: str = "Guidance swee
         xs, ys = [p["clip_score"] for p in points], [p["fid"] for p in points]
         ax.plot(xs, ys, "o-", color="tab:blue", label="guidance sweep")
         front = pareto_front(xs, ys)
-        ax.plot([xs[i] for i in front], [ys[i] for i in front], "s", mfc="none", ms=11,
-                color="tab:red", label="Pareto front")
+        ax.plot(
+            [xs[i] for i in front],
+            [ys[i] for i in front],
+            "s",
+            mfc="none",
+            ms=11,
+            color="tab:red",
+            label="Pareto front",
+        )
         for x, y, w in zip(xs, ys, guid):
             ax.annotate(f"w={w:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("CLIP score (higher: better alignment)")
@@ -136,8 +148,13 @@ def plot_sweep(points: Sequence[dict], path: str, *, title: str = "Guidance swee
         ax.legend()
     else:
         metrics = [k for k in ("fid", "clip_score", "shapes_adherence") if has(k)]
-        metrics += sorted(k for k in points[0] if k not in ("guidance", "num_samples", *metrics)
-                          and has(k) and isinstance(points[0][k], int | float))
+        metrics += sorted(
+            k
+            for k in points[0]
+            if k not in ("guidance", "num_samples", *metrics)
+            and has(k)
+            and isinstance(points[0][k], int | float)
+        )
         if not metrics:
             raise ValueError("sweep points carry no metric to plot")
         for k in metrics:

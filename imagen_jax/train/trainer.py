@@ -240,8 +240,11 @@ def train(
     os.makedirs(workdir, exist_ok=True)
 
     # ---- Mesh, rules, optimizer: everything checked before any compute.
-    mesh = mesh if mesh is not None else partitioning.make_mesh()
-    rules = partitioning.logical_axis_rules()
+    try:
+        mesh = mesh if mesh is not None else partitioning.make_mesh()
+        rules = partitioning.logical_axis_rules()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     check_batch_divides_mesh(config.batch_size, step_config.num_micro_batches, mesh)
     lr_schedule = learning_rate_schedule()
     tx = make_optimizer(lr_schedule)
