@@ -142,6 +142,9 @@ def peer_rate(source, resolution, lowres, cache_dir, workers: int) -> float:
     loader = torch.utils.data.DataLoader(ds, batch_size=F.batch_size, shuffle=True,
                                          num_workers=workers, drop_last=True,
                                          persistent_workers=workers > 0,
+                                         # spawn, as grain: forking a process that already runs
+                                         # jax / TensorFlow threads segfaults.
+                                         multiprocessing_context="spawn" if workers else None,
                                          generator=torch.Generator().manual_seed(0))
 
     def forever():

@@ -14,7 +14,6 @@ import pytest
 
 from imagen_jax import partitioning
 from imagen_jax.train import checkpoint, metrics, optim, state, testing, trainer
-from imagen_jax.train.state import TrainState
 
 
 def random_state(stage, tx, mesh, rules, seed=0):
@@ -184,9 +183,3 @@ def test_mesh_gin_files_mirror_rule_sets():
                                            "gin_configs", "mesh", f"{name}.gin"))
         assert partitioning.logical_axis_rules() == tuple(rules)
     gin.clear_config()
-
-
-def test_train_state_is_a_pytree():
-    st = TrainState(step=1, params={"w": 2}, ema_params={"w": 3}, opt_state=(), rng=4,
-                    bad_steps=0, skipped_steps=0)
-    assert len(jax.tree.leaves(st)) == 7

@@ -210,7 +210,7 @@ def _to_global(batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any],
     }
 
 
-@gin.configurable(denylist=["workdir", "step_callback", "mesh"])
+@gin.configurable(denylist=["workdir", "mesh"])
 def train(
     workdir: str,
     stage: Stage = gin.REQUIRED,
