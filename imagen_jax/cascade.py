@@ -639,7 +639,7 @@ class Cascade:
         fn = self.program(start, stop, encode=encode, progress=progress)
         text, mask, lowres = self._abstract_inputs(batch_size, start, encode, text_length)
         text_params = self._text_params if encode else None
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with _mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
             return fn.lower(self.params[start:stop], text_params, text, mask, self._rng(0), lowres)
 
     def compile(self, batch_size: int, **kwargs: Any) -> jax.stages.Compiled:
@@ -741,7 +741,7 @@ class Cascade:
                 jax.random.fold_in(jax.random.PRNGKey(seed), k),
                 partitioning.replicated(self.mesh),
             )
-            with self.mesh, nn.logical_axis_rules(self.rules):
+            with _mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
                 result = compiled(self.params[start:stop], text_params, *args, rng, chunk_low)
             outs.append([np.asarray(o)[: hi - lo] for o in jax.block_until_ready(result)])
         timings["sample_s"] = time.perf_counter() - t0
@@ -788,6 +788,12 @@ class Cascade:
             return self.sample(prompts, seed, **kwargs).final
 
         return fn
+
+
+def _mesh_context(mesh: Mesh) -> Any:
+    """The mesh as the current mesh for jit and logical constraints (``jax.set_mesh``)."""
+    ctx = getattr(partitioning, "mesh_context", None)
+    return ctx(mesh) if ctx is not None else mesh
 
 
 def _on_mesh(x: Any, mesh: Mesh) -> bool:

@@ -36,17 +36,17 @@ flags.DEFINE_enum("flops", "compiled", ["compiled", "lowered", "none"],
                   "FLOPs from the compiled executable's cost analysis, from the lowered HLO "
                   "(fast, before XLA optimisations), or skip.")
 
-# Bindings that route the stage macros into `stage_spec`.
+# Bindings that route the stage macros into `summary_inputs`.
 STAGE_BINDINGS = (
-    "stage_spec.model = %MODEL",
-    "stage_spec.resolution = %RESOLUTION",
-    "stage_spec.train_resolution = %TRAIN_RESOLUTION",
-    "stage_spec.lowres_resolution = %LOWRES_RESOLUTION",
+    "summary_inputs.model = %MODEL",
+    "summary_inputs.resolution = %RESOLUTION",
+    "summary_inputs.train_resolution = %TRAIN_RESOLUTION",
+    "summary_inputs.lowres_resolution = %LOWRES_RESOLUTION",
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class StageSpec:
+class SummaryInputs:
     """What the summary needs of a stage: the model and its input sizes."""
 
     model: nn.Module
@@ -67,26 +67,26 @@ class StageSpec:
 
 
 @gin.configurable
-def stage_spec(model: nn.Module, resolution: int, train_resolution: int | None = None,
-               lowres_resolution: int | None = None, text_length: int = 128) -> StageSpec:
-    return StageSpec(model, resolution, train_resolution or resolution, lowres_resolution,
+def summary_inputs(model: nn.Module, resolution: int, train_resolution: int | None = None,
+               lowres_resolution: int | None = None, text_length: int = 128) -> SummaryInputs:
+    return SummaryInputs(model, resolution, train_resolution or resolution, lowres_resolution,
                      text_length)
 
 
-def load_stage_spec(gin_files: Sequence[str], bindings: Sequence[str] = (),
-                    search_paths: Sequence[str] = ()) -> StageSpec:
-    """Parses the stage's gin files (clearing any earlier config) and builds its StageSpec."""
+def load_stage(gin_files: Sequence[str], bindings: Sequence[str] = (),
+                    search_paths: Sequence[str] = ()) -> SummaryInputs:
+    """Parses the stage's gin files (clearing any earlier config) and builds its SummaryInputs."""
     gin.clear_config()
     gin_utils.parse(gin_files, [*bindings, *STAGE_BINDINGS], search_paths)
     try:
-        return stage_spec()
+        return summary_inputs()
     except (ValueError, KeyError) as e:
         raise gin_utils.GinConfigError(
             f"{e}\nThe gin files must define the macros MODEL, RESOLUTION, TRAIN_RESOLUTION and "
             "LOWRES_RESOLUTION (include a gin_configs/models/*.gin file)") from e
 
 
-def abstract_inputs(spec: StageSpec, batch: int, resolution: int) -> tuple[Any, ...]:
+def abstract_inputs(spec: SummaryInputs, batch: int, resolution: int) -> tuple[Any, ...]:
     """ShapeDtypeStructs of (x, t, text_embeds, text_mask[, lowres, aug_level])."""
     s = jax.ShapeDtypeStruct
     f32 = jnp.float32
@@ -99,7 +99,7 @@ def abstract_inputs(spec: StageSpec, batch: int, resolution: int) -> tuple[Any, 
     return tuple(args)
 
 
-def abstract_params(spec: StageSpec) -> Any:
+def abstract_params(spec: SummaryInputs) -> Any:
     """The parameter tree as ShapeDtypeStructs (unboxed), via eval_shape: nothing allocated."""
     inputs = abstract_inputs(spec, 1, spec.train_resolution)
     variables = jax.eval_shape(lambda *a: spec.model.init(jax.random.key(0), *a), *inputs)
@@ -119,7 +119,7 @@ def _flops(fn: Any, args: Sequence[Any], mode: str) -> float:
     return float(analysis["flops"])
 
 
-def train_step_flops(spec: StageSpec, params: Any, mode: str = "compiled") -> float:
+def train_step_flops(spec: SummaryInputs, params: Any, mode: str = "compiled") -> float:
     """FLOPs per example of forward + backward of the eps-MSE loss at the training size."""
     batch = 1
     inputs = abstract_inputs(spec, batch, spec.train_resolution)
@@ -131,7 +131,7 @@ def train_step_flops(spec: StageSpec, params: Any, mode: str = "compiled") -> fl
     return _flops(jax.grad(loss), (params, *inputs), mode) / batch
 
 
-def sample_step_flops(spec: StageSpec, params: Any, mode: str = "compiled") -> float:
+def sample_step_flops(spec: SummaryInputs, params: Any, mode: str = "compiled") -> float:
     """FLOPs per generated example of one guided sampling step at full resolution: one model
     call on the concatenated (cond, uncond) batch of 2."""
     inputs = abstract_inputs(spec, 2, spec.resolution)
@@ -142,7 +142,7 @@ def sample_step_flops(spec: StageSpec, params: Any, mode: str = "compiled") -> f
     return _flops(step, (params, *inputs), mode)
 
 
-def layout_rows(spec: StageSpec, params: Any) -> list[tuple[str, ...]]:
+def layout_rows(spec: SummaryInputs, params: Any) -> list[tuple[str, ...]]:
     """One row per U-Net level: resolution, channels, residual blocks, attention, parameters."""
     model = spec.model
     per_level: dict[int, int] = {}
@@ -179,7 +179,7 @@ def layout_rows(spec: StageSpec, params: Any) -> list[tuple[str, ...]]:
     return rows
 
 
-def format_summary(spec: StageSpec, n_params: int, rows: list[tuple[str, ...]],
+def format_summary(spec: SummaryInputs, n_params: int, rows: list[tuple[str, ...]],
                    flops: dict[str, float]) -> str:
     lines = [f"model: {type(spec.model).__name__}  parameters: {n_params:,} "
              f"({n_params / 1e9:.3f} B)",
@@ -199,7 +199,7 @@ def main(argv: Sequence[str], bindings: Sequence[str] = ()) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.gin_file:
         raise app.UsageError("pass --gin_file=gin_configs/base64.gin (or sr256.gin, sr1024.gin)")
-    spec = load_stage_spec(FLAGS.gin_file, bindings, FLAGS.gin_search_paths)
+    spec = load_stage(FLAGS.gin_file, bindings, FLAGS.gin_search_paths)
     params = abstract_params(spec)
     flops = {}
     if FLAGS.flops != "none":
