@@ -70,10 +70,12 @@ def imagen_pytorch(batch: int, steps: tuple[int, ...], guidance: float) -> tuple
     base = Unet(dim=48, dim_mults=(1, 2, 2), num_resnet_blocks=1, text_embed_dim=EMBED_DIM,
                 layer_attns=(False, True, True), layer_cross_attns=(False, True, True),
                 attn_heads=3, attn_dim_head=16, max_text_len=TEXT_LEN)
+    # Like ours: self-attention only in the 64 px stage's low-resolution block; the 256 px stage
+    # has none (no middle attention either: 128x128 tokens would not fit in CPU memory).
     sr = [Unet(dim=16, dim_mults=(1, 2), num_resnet_blocks=(1, 2), text_embed_dim=EMBED_DIM,
                layer_attns=(False, attn), layer_cross_attns=(False, True), attn_heads=4,
                attn_dim_head=8, lowres_cond=True, max_text_len=TEXT_LEN,
-               use_global_context_attn=False)
+               attend_at_middle=attn, use_global_context_attn=False)
           for attn in (True, False)]
     imagen = Imagen(unets=(base, *sr), image_sizes=RES, text_embed_dim=EMBED_DIM,
                     timesteps=steps, cond_drop_prob=0.1)

@@ -791,9 +791,9 @@ class Cascade:
 
 
 def _mesh_context(mesh: Mesh) -> Any:
-    """The mesh as the current mesh for jit and logical constraints (``jax.set_mesh``)."""
-    ctx = getattr(partitioning, "mesh_context", None)
-    return ctx(mesh) if ctx is not None else mesh
+    """Makes ``mesh`` current while tracing, so the U-Nets' logical activation constraints apply
+    (``partitioning.mesh_context``: ``jax.set_mesh``; the legacy ``with mesh:`` drops them)."""
+    return partitioning.mesh_context(mesh)
 
 
 def _on_mesh(x: Any, mesh: Mesh) -> bool:

@@ -36,7 +36,7 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("retrain", False, "Delete existing checkpoints and train again.")
 
 STAGES = ("base", "sr64", "sr256")
-DATASET_CONFIG = "demo"
+DATASET_CONFIG = "demo_{num_train}"  # one tfds config per training-set size
 DATASET_RESOLUTION = 256
 NUM_HELDOUT = 256
 T5_VOCAB_SIZE = 512
@@ -46,25 +46,27 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+def dataset_name(num_train: int) -> str:
+    return f"imagen_shapes/{DATASET_CONFIG.format(num_train=num_train)}"
+
+
 def prepare_dataset(data_dir: str, num_train: int) -> Any:
-    """Renders the demo config of `imagen_shapes` (256 px) into ``data_dir`` (idempotent)."""
+    """Renders the demo config of `imagen_shapes` (256 px) into ``data_dir`` (idempotent).
+
+    The config is registered on the builder class at run time: it exists only for the demo.
+    """
     import tensorflow_datasets as tfds
 
     from imagen_jax.data import shapes_tfds
 
+    name = DATASET_CONFIG.format(num_train=num_train)
     configs = shapes_tfds.ImagenShapes.BUILDER_CONFIGS
-    if not any(c.name == DATASET_CONFIG for c in configs):
+    if not any(c.name == name for c in configs):
         configs.append(shapes_tfds.ShapesConfig(
-            name=DATASET_CONFIG,
-            description=f"make demo: {DATASET_RESOLUTION} px, {num_train} train",
+            name=name, description=f"make demo: {DATASET_RESOLUTION} px, {num_train} train",
             resolution=DATASET_RESOLUTION, num_train=num_train, num_heldout=NUM_HELDOUT,
         ))
-    builder = tfds.builder(f"{shapes_tfds.NAME}/{DATASET_CONFIG}", data_dir=data_dir)
-    if builder.is_prepared() and builder.info.splits["train"].num_examples != num_train:
-        raise SystemExit(
-            f"{data_dir} holds a demo dataset of {builder.info.splits['train'].num_examples} "
-            f"scenes, not --num_train={num_train}; use another --out or delete it"
-        )
+    builder = tfds.builder(dataset_name(num_train), data_dir=data_dir)
     builder.download_and_prepare()
     return builder
 
@@ -75,15 +77,14 @@ def heldout_prompts(n: int) -> list[str]:
     return [shapes.sample_scene("heldout", i).caption for i in range(n)]
 
 
-def prepare_text(out: str, data_dir: str) -> tuple[str, str, str]:
+def prepare_text(out: str, data_dir: str, num_train: int) -> tuple[str, str, str]:
     """Random T5 (spm on train captions) + embedding cache: (t5 dir, cache dir, fingerprint)."""
     from imagen_jax.data import embed_cache, pipeline
     from imagen_jax.text import load_t5
     from imagen_jax.text.testing import write_random_t5
 
-    t5_dir, cache_dir = os.path.join(out, "t5"), os.path.join(out, "embeddings")
-    source = pipeline.SourceSpec(name=f"imagen_shapes/{DATASET_CONFIG}", split="train",
-                                 data_dir=data_dir)
+    t5_dir, cache_dir = os.path.join(out, "t5"), os.path.join(out, f"embeddings_{num_train}")
+    source = pipeline.SourceSpec(name=dataset_name(num_train), split="train", data_dir=data_dir)
     captions = pipeline.CaptionTable(source)
     if not os.path.exists(os.path.join(t5_dir, "config.json")):
         texts = [captions[i][1] for i in range(min(len(captions), 4000))]
@@ -108,8 +109,10 @@ def _text_length() -> int:
     return int(length)
 
 
-def stage_bindings(out: str, cache_dir: str, t5_dir: str, fingerprint: str) -> list[str]:
+def stage_bindings(out: str, cache_dir: str, t5_dir: str, fingerprint: str,
+                   num_train: int) -> list[str]:
     return [
+        f"SourceSpec.name = '{dataset_name(num_train)}'",
         f"DATA_DIR = '{os.path.join(out, 'tfds')}'",
         f"CACHE_DIR = '{cache_dir}'",
         f"T5_PATH = '{t5_dir}'",
@@ -238,11 +241,11 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 6000,
     _log(f"dataset ready ({timings['dataset_s']:.0f}s)")
 
     t0 = time.perf_counter()
-    t5_dir, cache_dir, fingerprint = prepare_text(out, os.path.join(out, "tfds"))
+    t5_dir, cache_dir, fingerprint = prepare_text(out, os.path.join(out, "tfds"), num_train)
     timings["text_s"] = time.perf_counter() - t0
     _log(f"random T5 + embedding cache ready ({timings['text_s']:.0f}s)")
 
-    common = [*stage_bindings(out, cache_dir, t5_dir, fingerprint), *bindings]
+    common = [*stage_bindings(out, cache_dir, t5_dir, fingerprint, num_train), *bindings]
     for i, (name, workdir) in enumerate(zip(STAGES, stage_dirs)):
         timings[f"train_{name}_s"] = train_stage(
             name, workdir, common, None if steps is None else int(steps[i]))

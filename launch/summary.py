@@ -77,9 +77,12 @@ def load_stage(gin_files: Sequence[str], bindings: Sequence[str] = (),
                     search_paths: Sequence[str] = ()) -> SummaryInputs:
     """Parses the stage's gin files (clearing any earlier config) and builds its SummaryInputs."""
     gin.clear_config()
-    gin_utils.parse(gin_files, [*bindings, *STAGE_BINDINGS], search_paths)
     try:
+        # Undefined macros surface either when gin finalises (validation) or at the call.
+        gin_utils.parse(gin_files, [*bindings, *STAGE_BINDINGS], search_paths)
         return summary_inputs()
+    except gin_utils.GinConfigError:
+        raise
     except (ValueError, KeyError) as e:
         raise gin_utils.GinConfigError(
             f"{e}\nThe gin files must define the macros MODEL, RESOLUTION, TRAIN_RESOLUTION and "

@@ -13,7 +13,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_demo_notebook_executes(monkeypatch):
     # Always the untrained tiny cascade: a developer's demo_out/ must not change the test.
     monkeypatch.setenv("IMAGEN_NOTEBOOK_UNTRAINED", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(os.path.join(REPO, "notebooks", "demo.ipynb"), as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": REPO}})

@@ -20,33 +20,62 @@ Dtype = Any
 Array = jax.Array
 
 
+class HeadsProjection(nn.Module):
+    """[..., C] -> [..., heads, head_dim].
+
+    The kernel is created with its full 3-D shape (not ``nn.DenseGeneral``'s flattened one) so
+    its three logical axis names stay valid under a mesh.
+    """
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
+            (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
+            (self.num_heads, self.head_dim), self.param_dtype)
+        y = jnp.einsum("...c,chd->...hd", x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
+class OutProjection(nn.Module):
+    """[..., heads, head_dim] -> [..., features]."""
+
+    features: int
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = (nn.initializers.zeros_init() if self.zero_init
+                else nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2))
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
+            (*x.shape[-2:], self.features), self.param_dtype)
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            (self.features,), self.param_dtype)
+        y = jnp.einsum("...hd,hdf->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
 def _heads_proj(num_heads: int, head_dim: int, name: str, dtype: Dtype,
-                param_dtype: Dtype) -> nn.DenseGeneral:
-    """[..., C] -> [..., heads, head_dim]."""
-    return nn.DenseGeneral(
-        (num_heads, head_dim),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                 ("embed", "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
-        name=name,
-    )
+                param_dtype: Dtype) -> HeadsProjection:
+    return HeadsProjection(num_heads, head_dim, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _out_proj(features: int, name: str, dtype: Dtype, param_dtype: Dtype,
-              zero_init: bool) -> nn.DenseGeneral:
-    """[..., heads, head_dim] -> [..., features]."""
-    init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
-    return nn.DenseGeneral(
-        features,
-        axis=(-2, -1),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-        name=name,
-    )
+              zero_init: bool) -> OutProjection:
+    return OutProjection(features, zero_init=zero_init, dtype=dtype, param_dtype=param_dtype,
+                         name=name)
 
 
 def _null_kv(module: nn.Module, batch: int, num_heads: int, head_dim: int,
