@@ -12,23 +12,25 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, logging
 
-_T5 = flags.DEFINE_string("t5", None, "T5 checkpoint directory (Hugging Face or T5X).")
-_VOCAB = flags.DEFINE_string("vocab", None, "sentencepiece model (default: <t5>/spiece.model).")
-_DATASET = flags.DEFINE_string("dataset", None, "tfds name[/config], e.g. imagen_shapes/r64.")
-_SPLIT = flags.DEFINE_string("split", "train", "tfds split to encode.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir the dataset is prepared in.")
-_OUT = flags.DEFINE_string("out", None, "Cache directory to write (or resume).")
-_CAPTION = flags.DEFINE_string("caption_feature", "caption", "Caption feature ('a/b' nests).")
-_CAPTION_INDEX = flags.DEFINE_integer("caption_index", 0, "Which caption of a caption list.")
-_ID = flags.DEFINE_string("id_feature", "id", "Integer example id feature; '' = record index.")
-_IMAGE = flags.DEFINE_string("image_feature", "image", "Image feature (checked to exist).")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 128, "Token length (PAPER_NOTES: default 128).")
-_T5_DTYPE = flags.DEFINE_enum("t5_dtype", "float32", ["float32", "bfloat16"], "Encoder dtype.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Storage dtype.")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 4096, "Examples per shard (resume granularity).")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Encoder batch size.")
+from launch import shared_flags as sf
+
+_T5 = sf.DEFINE_string("t5", None, "T5 checkpoint directory (Hugging Face or T5X).")
+_VOCAB = sf.DEFINE_string("vocab", None, "sentencepiece model (default: <t5>/spiece.model).")
+_DATASET = sf.DEFINE_string("dataset", None, "tfds name[/config], e.g. imagen_shapes/r64.")
+_SPLIT = sf.DEFINE_string("split", "train", "tfds split to encode.")
+_DATA_DIR = sf.DEFINE_string("data_dir", None, "tfds data_dir the dataset is prepared in.")
+_OUT = sf.DEFINE_string("out", None, "Cache directory to write (or resume).")
+_CAPTION = sf.DEFINE_string("caption_feature", "caption", "Caption feature ('a/b' nests).")
+_CAPTION_INDEX = sf.DEFINE_integer("caption_index", 0, "Which caption of a caption list.")
+_ID = sf.DEFINE_string("id_feature", "id", "Integer example id feature; '' = record index.")
+_IMAGE = sf.DEFINE_string("image_feature", "image", "Image feature (checked to exist).")
+_MAX_LENGTH = sf.DEFINE_integer("max_length", 128, "Token length (PAPER_NOTES: default 128).")
+_T5_DTYPE = sf.DEFINE_enum("t5_dtype", "float32", ["float32", "bfloat16"], "Encoder dtype.")
+_DTYPE = sf.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Storage dtype.")
+_SHARD_SIZE = sf.DEFINE_integer("shard_size", 4096, "Examples per shard (resume granularity).")
+_BATCH = sf.DEFINE_integer("batch_size", 64, "Encoder batch size.")
 
 
 def main(argv: list[str]) -> None:

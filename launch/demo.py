@@ -27,13 +27,15 @@ from typing import Any
 
 from absl import app, flags
 
+from launch import shared_flags as sf
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "demo_out", "Output directory (data, T5, checkpoints, results).")
-flags.DEFINE_integer("num_prompts", 64, "Heldout prompts to sample and score.")
-flags.DEFINE_integer("num_train", 6000, "Training scenes to render.")
-flags.DEFINE_list("steps", None, "Train steps per stage (base,sr64,sr256); default: gin files.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_bool("retrain", False, "Delete existing checkpoints and train again.")
+sf.DEFINE_string("out", "demo_out", "Output directory (data, T5, checkpoints, results).")
+sf.DEFINE_integer("num_prompts", 64, "Heldout prompts to sample and score.")
+sf.DEFINE_integer("num_train", 6000, "Training scenes to render.")
+sf.DEFINE_list("steps", None, "Train steps per stage (base,sr64,sr256); default: gin files.")
+sf.DEFINE_integer("seed", 0, "Sampling seed.")
+sf.DEFINE_bool("retrain", False, "Delete existing checkpoints and train again.")
 
 STAGES = ("base", "sr64", "sr256")
 DATASET_CONFIG = "demo_{num_train}"  # one tfds config per training-set size

@@ -17,14 +17,16 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-flags.DEFINE_string("t5", None, "Hugging Face or T5X checkpoint directory", required=True)
-flags.DEFINE_string("vocab", None, "sentencepiece model (default: T5/spiece.model)")
-flags.DEFINE_string("prompts", None, ".txt (one per line) or .csv/.tsv prompt file",
+from launch import shared_flags as sf
+
+sf.DEFINE_string("t5", None, "Hugging Face or T5X checkpoint directory", required=True)
+sf.DEFINE_string("vocab", None, "sentencepiece model (default: T5/spiece.model)")
+sf.DEFINE_string("prompts", None, ".txt (one per line) or .csv/.tsv prompt file",
                     required=True)
-flags.DEFINE_string("out", None, "output .npz path", required=True)
-flags.DEFINE_integer("max_length", 128, "tokens per prompt, EOS included")
-flags.DEFINE_integer("batch_size", None, "prompts per step (default: 8 per local device)")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weight / matmul dtype")
+sf.DEFINE_string("out", None, "output .npz path", required=True)
+sf.DEFINE_integer("max_length", 128, "tokens per prompt, EOS included")
+sf.DEFINE_integer("batch_size", None, "prompts per step (default: 8 per local device)")
+sf.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weight / matmul dtype")
 FLAGS = flags.FLAGS
 
 PROMPT_COLUMNS = ("Prompt", "Prompts", "prompt", "prompts")

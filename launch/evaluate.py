@@ -28,44 +28,46 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import app, flags, logging
 
+from launch import shared_flags as sf
+
 FLAGS = flags.FLAGS
 SUBCOMMANDS = ("drawbench", "fid", "sweep")
 
 # Sampler.
-flags.DEFINE_list("stages", [], "Stage checkpoint directories, base first.")
-flags.DEFINE_string("t5", None, "T5 encoder checkpoint directory (HF or T5X).")
-flags.DEFINE_string("sample_fn", None, "Custom sampler MODULE:FACTORY (instead of --stages).")
-flags.DEFINE_integer("num_steps", None, "Override every stage's sampling step count.")
-flags.DEFINE_string("sampler", None, "Override every stage's sampler (ddpm, ddim, dpmpp_2m).")
-flags.DEFINE_integer("guidance_stage", 0, "Stage whose guidance weight --guidance sets.")
-flags.DEFINE_list("guidance", [], "Guidance weight(s); sweep: the list to sweep.")
-flags.DEFINE_multi_string("gin_file", [], "Extra gin files (sampling_overrides bindings).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("batch_size", 8, "Prompts per sampler call (drawbench) / samples per chunk.")
-flags.DEFINE_string("out", None, "Output directory.")
+sf.DEFINE_list("stages", [], "Stage checkpoint directories, base first.")
+sf.DEFINE_string("t5", None, "T5 encoder checkpoint directory (HF or T5X).")
+sf.DEFINE_string("sample_fn", None, "Custom sampler MODULE:FACTORY (instead of --stages).")
+sf.DEFINE_integer("num_steps", None, "Override every stage's sampling step count.")
+sf.DEFINE_string("sampler", None, "Override every stage's sampler (ddpm, ddim, dpmpp_2m).")
+sf.DEFINE_integer("guidance_stage", 0, "Stage whose guidance weight --guidance sets.")
+sf.DEFINE_list("guidance", [], "Guidance weight(s); sweep: the list to sweep.")
+sf.DEFINE_multi_string("gin_file", [], "Extra gin files (sampling_overrides bindings).")
+sf.DEFINE_integer("seed", 0, "Sampling seed.")
+sf.DEFINE_integer("batch_size", 8, "Prompts per sampler call (drawbench) / samples per chunk.")
+sf.DEFINE_string("out", None, "Output directory.")
 # DrawBench.
-flags.DEFINE_integer("num_per_prompt", 8, "Samples per DrawBench prompt (Section 4.2: 8).")
-flags.DEFINE_list("categories", [], "DrawBench categories to run (default: all 11).")
-flags.DEFINE_list("compare", [], "Two DrawBench run dirs: write the side-by-side rating page.")
-flags.DEFINE_bool("embed_images", False, "Embed images in the HTML (one self-contained file).")
-flags.DEFINE_string("label", "", "Run label shown in reports.")
+sf.DEFINE_integer("num_per_prompt", 8, "Samples per DrawBench prompt (Section 4.2: 8).")
+sf.DEFINE_list("categories", [], "DrawBench categories to run (default: all 11).")
+sf.DEFINE_list("compare", [], "Two DrawBench run dirs: write the side-by-side rating page.")
+sf.DEFINE_bool("embed_images", False, "Embed images in the HTML (one self-contained file).")
+sf.DEFINE_string("label", "", "Run label shown in reports.")
 # Metrics.
-flags.DEFINE_string("clip_weights", None, "CLIP weights (file or HF dir) for the CLIP score.")
-flags.DEFINE_string(
+sf.DEFINE_string("clip_weights", None, "CLIP weights (file or HF dir) for the CLIP score.")
+sf.DEFINE_string(
     "clip_tokenizer", None, "Dir with vocab.json+merges.txt (default: weights dir)."
 )
-flags.DEFINE_string("clip_config", None, "CLIP config name (ViT-B/32, ViT-L/14); default inferred.")
-flags.DEFINE_string("inception_weights", None, "FID Inception weights (pt_inception-*.pth/.npz).")
-flags.DEFINE_integer("metric_batch_size", 64, "Batch size of the feature extractors.")
+sf.DEFINE_string("clip_config", None, "CLIP config name (ViT-B/32, ViT-L/14); default inferred.")
+sf.DEFINE_string("inception_weights", None, "FID Inception weights (pt_inception-*.pth/.npz).")
+sf.DEFINE_integer("metric_batch_size", 64, "Batch size of the feature extractors.")
 # FID / sweep.
-flags.DEFINE_string("reference", None, "FID reference: tfds:NAME[/CONFIG][:SPLIT] or an image dir.")
-flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir holding the prepared reference.")
-flags.DEFINE_string(
+sf.DEFINE_string("reference", None, "FID reference: tfds:NAME[/CONFIG][:SPLIT] or an image dir.")
+sf.DEFINE_string("tfds_data_dir", None, "TFDS data_dir holding the prepared reference.")
+sf.DEFINE_string(
     "stats_cache", None, "Where reference statistics are cached (default OUT/stats)."
 )
-flags.DEFINE_integer("reference_resolution", 256, "Reference images: centre crop + resize to this.")
-flags.DEFINE_integer("num_samples", 30000, "Samples for FID (Section 4.1: FID-30K).")
-flags.DEFINE_string(
+sf.DEFINE_integer("reference_resolution", 256, "Reference images: centre crop + resize to this.")
+sf.DEFINE_integer("num_samples", 30000, "Samples for FID (Section 4.1: FID-30K).")
+sf.DEFINE_string(
     "prompts",
     None,
     "Prompt file (one per line); default: reference captions, else shapes captions.",

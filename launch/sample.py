@@ -19,19 +19,21 @@ import time
 import numpy as np
 from absl import app, flags
 
+from launch import shared_flags as sf
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("stages", None, "Comma-separated stage workdirs, base first.")
-flags.DEFINE_string("t5", None, "T5 checkpoint directory (Hugging Face or T5X).")
-flags.DEFINE_string("prompts", None, "A prompt, or a text file with one prompt per line.")
-flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
-flags.DEFINE_integer("start", 0, "First stage to run (1: super-resolve --lowres images).")
-flags.DEFINE_integer("stop", None, "One past the last stage to run (default: all).")
-flags.DEFINE_list("lowres", None, "Low-resolution input images when --start > 0.")
-flags.DEFINE_integer("max_batch", None, "Run in chunks of this many images (memory bound).")
-flags.DEFINE_list("gin_file", [], "Extra gin files (sampling_overrides, mesh).")
-flags.DEFINE_bool("progress", True, "Progress bar per stage (adds one host callback per step).")
+sf.DEFINE_list("stages", [], "Stage workdirs, comma-separated, base first.")
+sf.DEFINE_string("t5", None, "T5 checkpoint directory (Hugging Face or T5X).")
+sf.DEFINE_string("prompts", None, "A prompt, or a text file with one prompt per line.")
+sf.DEFINE_string("out", None, "Output directory.")
+sf.DEFINE_integer("seed", 0, "Random seed.")
+sf.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
+sf.DEFINE_integer("start", 0, "First stage to run (1: super-resolve --lowres images).")
+sf.DEFINE_integer("stop", None, "One past the last stage to run (default: all).")
+sf.DEFINE_list("lowres", None, "Low-resolution input images when --start > 0.")
+sf.DEFINE_integer("max_batch", None, "Run in chunks of this many images (memory bound).")
+sf.DEFINE_multi_string("gin_file", [], "Extra gin files (sampling_overrides, mesh).")
+sf.DEFINE_bool("progress", True, "Progress bar per stage (adds one host callback per step).")
 
 
 def read_prompts(value: str) -> list[str]:
@@ -103,7 +105,7 @@ def run(argv_bindings: list[str]) -> dict:
     for name in ("stages", "prompts", "out"):
         if getattr(FLAGS, name) is None:
             raise SystemExit(f"--{name} is required (see python -m launch.sample --help)")
-    stage_dirs = [d for d in FLAGS.stages.split(",") if d]
+    stage_dirs = [d for d in FLAGS.stages if d]
     t0 = time.perf_counter()
     try:
         # User bindings are read first (mesh, overrides), then each stage's saved config is

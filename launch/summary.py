@@ -28,11 +28,12 @@ from absl import app, flags
 
 from imagen_jax import gin_utils
 from imagen_jax.nn import BaseUNet, EfficientUNet
+from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "Gin files (the stage config), in order.")
-flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories to look up gin files in.")
-flags.DEFINE_enum("flops", "compiled", ["compiled", "lowered", "none"],
+sf.DEFINE_multi_string("gin_file", [], "Gin files (the stage config), in order.")
+sf.DEFINE_multi_string("gin_search_paths", [], "Extra directories to look up gin files in.")
+sf.DEFINE_enum("flops", "compiled", ["compiled", "lowered", "none"],
                   "FLOPs from the compiled executable's cost analysis, from the lowered HLO "
                   "(fast, before XLA optimisations), or skip.")
 

@@ -1,7 +1,7 @@
 r"""Trains one cascade stage from gin.
 
     python -m launch.train --gin_file=gin_configs/base64.gin --workdir=DIR \
-        [--gin.NAME=VALUE ...] [--gin_search_paths=DIR,...]
+        [--gin.NAME=VALUE ...] [--gin_search_paths=DIR ...]
 
 Multi-host: pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or run
 where `jax.distributed.initialize()` auto-detects the cluster, e.g. TPU pods, with
@@ -16,15 +16,16 @@ import sys
 from absl import app, flags
 
 from imagen_jax import gin_utils
+from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "Gin config files (searched in --gin_search_paths).")
-flags.DEFINE_list("gin_search_paths", [], "Extra directories to look up gin files in.")
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+sf.DEFINE_multi_string("gin_file", [], "Gin config files (searched in --gin_search_paths).")
+sf.DEFINE_multi_string("gin_search_paths", [], "Extra directories to look up gin files in.")
+sf.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
+sf.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
+sf.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+sf.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+sf.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
 _GIN_BINDINGS: list[str] = []
 

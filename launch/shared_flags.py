@@ -1,0 +1,34 @@
+"""absl flag definitions shared by the launchers.
+
+Each launcher is an absl app with its own flags, but tests (and notebooks) import several
+launchers into one process, where absl refuses a second definition of a common flag such as
+``--out`` or ``--t5``. These wrappers define a flag once and hand later launchers the existing
+definition; launchers that share a flag name give it the same type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from absl import flags
+
+
+def _define_once(define: Callable[..., flags.FlagHolder]) -> Callable[..., flags.FlagHolder]:
+    def wrapped(name: str, *args: Any, **kwargs: Any) -> flags.FlagHolder:
+        if name in flags.FLAGS:
+            return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+        return define(name, *args, **kwargs)
+
+    wrapped.__doc__ = define.__doc__
+    return wrapped
+
+
+DEFINE_string = _define_once(flags.DEFINE_string)
+DEFINE_integer = _define_once(flags.DEFINE_integer)
+DEFINE_float = _define_once(flags.DEFINE_float)
+DEFINE_bool = _define_once(flags.DEFINE_bool)
+DEFINE_enum = _define_once(flags.DEFINE_enum)
+DEFINE_list = _define_once(flags.DEFINE_list)
+DEFINE_multi_string = _define_once(flags.DEFINE_multi_string)
+DEFINE_multi_integer = _define_once(flags.DEFINE_multi_integer)
