@@ -30,7 +30,7 @@ _MAX_LENGTH = sf.DEFINE_integer("max_length", 128, "Token length (PAPER_NOTES: d
 _T5_DTYPE = sf.DEFINE_enum("t5_dtype", "float32", ["float32", "bfloat16"], "Encoder dtype.")
 _DTYPE = sf.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Storage dtype.")
 _SHARD_SIZE = sf.DEFINE_integer("shard_size", 4096, "Examples per shard (resume granularity).")
-_BATCH = sf.DEFINE_integer("batch_size", 64, "Encoder batch size.")
+_BATCH = sf.DEFINE_integer("batch_size", None, "Encoder batch size (64).")
 
 
 def main(argv: list[str]) -> None:
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
         encoder,
         captions,
         shard_size=_SHARD_SIZE.value,
-        encode_batch_size=_BATCH.value,
+        encode_batch_size=_BATCH.value or 64,
         dtype=_DTYPE.value,
         dataset_info=pipeline.source_info(source),
     )

@@ -30,7 +30,7 @@ from absl import app, flags
 from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
-sf.DEFINE_string("out", "demo_out", "Output directory (data, T5, checkpoints, results).")
+sf.DEFINE_string("out", None, "Output directory (data, T5, checkpoints, results; demo_out).")
 sf.DEFINE_integer("num_prompts", 64, "Heldout prompts to sample and score.")
 sf.DEFINE_integer("num_train", 6000, "Training scenes to render.")
 sf.DEFINE_list("steps", None, "Train steps per stage (base,sr64,sr256); default: gin files.")
@@ -289,7 +289,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.steps is not None and len(FLAGS.steps) != len(STAGES):
         raise app.UsageError(f"--steps needs {len(STAGES)} values ({','.join(STAGES)})")
-    run(FLAGS.out, num_prompts=FLAGS.num_prompts, num_train=FLAGS.num_train, steps=FLAGS.steps,
+    run(FLAGS.out or "demo_out", num_prompts=FLAGS.num_prompts, num_train=FLAGS.num_train,
+        steps=FLAGS.steps,
         bindings=_GIN_BINDINGS, seed=FLAGS.seed, retrain=FLAGS.retrain)
 
 

@@ -19,11 +19,10 @@ from absl import app, flags
 
 from launch import shared_flags as sf
 
-sf.DEFINE_string("t5", None, "Hugging Face or T5X checkpoint directory", required=True)
+sf.DEFINE_string("t5", None, "Hugging Face or T5X checkpoint directory (required)")
 sf.DEFINE_string("vocab", None, "sentencepiece model (default: T5/spiece.model)")
-sf.DEFINE_string("prompts", None, ".txt (one per line) or .csv/.tsv prompt file",
-                    required=True)
-sf.DEFINE_string("out", None, "output .npz path", required=True)
+sf.DEFINE_string("prompts", None, ".txt (one per line) or .csv/.tsv prompt file (required)")
+sf.DEFINE_string("out", None, "output .npz path (required)")
 sf.DEFINE_integer("max_length", 128, "tokens per prompt, EOS included")
 sf.DEFINE_integer("batch_size", None, "prompts per step (default: 8 per local device)")
 sf.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weight / matmul dtype")
@@ -77,6 +76,10 @@ def encode_prompts(encoder, prompts: Sequence[str], batch_size: int, progress: b
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    # Checked here rather than with absl's required=True: launchers share flag definitions.
+    missing = [f"--{name}" for name in ("t5", "prompts", "out") if not FLAGS[name].value]
+    if missing:
+        raise app.UsageError(f"missing required flag(s): {', '.join(missing)}")
     import jax
     import numpy as np
 

@@ -43,10 +43,10 @@ sf.DEFINE_integer("guidance_stage", 0, "Stage whose guidance weight --guidance s
 sf.DEFINE_list("guidance", [], "Guidance weight(s); sweep: the list to sweep.")
 sf.DEFINE_multi_string("gin_file", [], "Extra gin files (sampling_overrides bindings).")
 sf.DEFINE_integer("seed", 0, "Sampling seed.")
-sf.DEFINE_integer("batch_size", 8, "Prompts per sampler call (drawbench) / samples per chunk.")
+sf.DEFINE_integer("batch_size", None, "Prompts per sampler call / samples per chunk (8).")
 sf.DEFINE_string("out", None, "Output directory.")
 # DrawBench.
-sf.DEFINE_integer("num_per_prompt", 8, "Samples per DrawBench prompt (Section 4.2: 8).")
+sf.DEFINE_integer("num_per_prompt", None, "Samples per DrawBench prompt (Section 4.2: 8).")
 sf.DEFINE_list("categories", [], "DrawBench categories to run (default: all 11).")
 sf.DEFINE_list("compare", [], "Two DrawBench run dirs: write the side-by-side rating page.")
 sf.DEFINE_bool("embed_images", False, "Embed images in the HTML (one self-contained file).")
@@ -233,10 +233,10 @@ def run_drawbench_cmd() -> None:
     run = drawbench.run_drawbench(
         factory(guidance),
         FLAGS.out,
-        num_per_prompt=FLAGS.num_per_prompt,
+        num_per_prompt=FLAGS.num_per_prompt or 8,
         categories=FLAGS.categories or None,
         seed=FLAGS.seed,
-        prompts_per_batch=FLAGS.batch_size,
+        prompts_per_batch=FLAGS.batch_size or 8,
         scorers=make_scorers(),
         label=FLAGS.label,
         settings=settings,
@@ -255,7 +255,7 @@ def run_fid_cmd() -> None:
     prompts = load_eval_prompts(FLAGS.num_samples)
     store = fid.SampleStore(
         os.path.join(FLAGS.out, "samples"),
-        chunk_size=FLAGS.batch_size,
+        chunk_size=FLAGS.batch_size or 8,
         seed=FLAGS.seed,
         settings={
             "stages": FLAGS.stages,
@@ -301,7 +301,7 @@ def run_sweep_cmd() -> None:
         prompts,
         FLAGS.out,
         num_samples=FLAGS.num_samples,
-        chunk_size=FLAGS.batch_size,
+        chunk_size=FLAGS.batch_size or 8,
         seed=FLAGS.seed,
         feature_fn=extractor,
         reference=ref,

@@ -27,7 +27,7 @@ sf.DEFINE_string("t5", None, "T5 checkpoint directory (Hugging Face or T5X).")
 sf.DEFINE_string("prompts", None, "A prompt, or a text file with one prompt per line.")
 sf.DEFINE_string("out", None, "Output directory.")
 sf.DEFINE_integer("seed", 0, "Random seed.")
-sf.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
+sf.DEFINE_integer("num_per_prompt", None, "Images per prompt (1).")
 sf.DEFINE_integer("start", 0, "First stage to run (1: super-resolve --lowres images).")
 sf.DEFINE_integer("stop", None, "One past the last stage to run (default: all).")
 sf.DEFINE_list("lowres", None, "Low-resolution input images when --start > 0.")
@@ -128,7 +128,7 @@ def run(argv_bindings: list[str]) -> dict:
         load_s = time.perf_counter() - t0
         prompts = read_prompts(FLAGS.prompts)
         result = cascade.sample(
-            prompts, FLAGS.seed, num_per_prompt=FLAGS.num_per_prompt, lowres=lowres,
+            prompts, FLAGS.seed, num_per_prompt=FLAGS.num_per_prompt or 1, lowres=lowres,
             start=FLAGS.start, stop=FLAGS.stop, progress=FLAGS.progress,
         )
     except (cascade_lib.CascadeError, gin_utils.GinConfigError) as e:
@@ -136,7 +136,7 @@ def run(argv_bindings: list[str]) -> dict:
     result.timings["load_s"] = load_s
     settings = stage_settings(cascade, FLAGS.start, FLAGS.stop, stage_dirs)
     record = write_outputs(FLAGS.out, result, settings=settings,
-                           num_per_prompt=FLAGS.num_per_prompt)
+                           num_per_prompt=FLAGS.num_per_prompt or 1)
     print(f"wrote {len(result.final)} images to {FLAGS.out} "
           f"({result.timings['sample_s']:.1f}s sampling, {result.timings['compile_s']:.1f}s "
           "compile)")

@@ -3,7 +3,8 @@
 Each launcher is an absl app with its own flags, but tests (and notebooks) import several
 launchers into one process, where absl refuses a second definition of a common flag such as
 ``--out`` or ``--t5``. These wrappers define a flag once and hand later launchers the existing
-definition; launchers that share a flag name give it the same type.
+definition. Launchers that share a flag name give it the same type and default (use a default
+of None and apply the launcher's own default in ``main``); a conflicting redefinition is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from absl import flags
 def _define_once(define: Callable[..., flags.FlagHolder]) -> Callable[..., flags.FlagHolder]:
     def wrapped(name: str, *args: Any, **kwargs: Any) -> flags.FlagHolder:
         if name in flags.FLAGS:
-            return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+            existing = flags.FLAGS[name]
+            default = args[0] if args else kwargs.get("default")
+            parsed = existing.parser.parse(default) if isinstance(default, str) else default
+            if (parsed or None) != (existing.default or None) and parsed != existing.default:
+                raise ValueError(
+                    f"flag --{name} is defined twice with different defaults "
+                    f"({existing.default!r} vs {default!r}); give shared flags the default None "
+                    "and apply each launcher's default in its main()"
+                )
+            return flags.FlagHolder(flags.FLAGS, existing)
         return define(name, *args, **kwargs)
 
     wrapped.__doc__ = define.__doc__
