@@ -85,17 +85,10 @@ def load_factory(spec: str) -> Callable[..., Callable]:
 
 
 def build_cascade(stage_dirs: Sequence[str], t5: str | None):
-    """The cascade of ``imagen_jax.cascade`` from checkpoint directories."""
-    try:
-        from imagen_jax import cascade as cascade_lib
-    except ImportError as e:
-        raise app.UsageError(f"imagen_jax.cascade is not available ({e}); use --sample_fn") from e
-    if not hasattr(cascade_lib.Cascade, "from_checkpoints"):
-        raise app.UsageError(
-            "this imagen_jax.cascade cannot load checkpoints yet (no Cascade.from_checkpoints); "
-            "use --sample_fn=MODULE:FACTORY"
-        )
-    return cascade_lib.Cascade.from_checkpoints(list(stage_dirs), t5=t5)
+    """The cascade of ``imagen_jax.cascade`` from checkpoint directories (EMA params)."""
+    from imagen_jax import cascade as cascade_lib
+
+    return cascade_lib.load_cascade(list(stage_dirs), t5=t5)
 
 
 def with_sampling(cascade, stage_index: int | None = None, **overrides):
@@ -114,6 +107,7 @@ def with_sampling(cascade, stage_index: int | None = None, **overrides):
         mesh=cascade.mesh,
         rules=cascade.rules,
         embed_dim=cascade.embed_dim,
+        max_batch=cascade.max_batch,
     )
 
 
