@@ -3,6 +3,7 @@
 All in-process and compile-free: states are built from `jax.eval_shape` + random host values.
 """
 
+import functools
 import json
 import os
 
@@ -183,3 +184,29 @@ def test_mesh_gin_files_mirror_rule_sets():
                                            "gin_configs", "mesh", f"{name}.gin"))
         assert partitioning.logical_axis_rules() == tuple(rules)
     gin.clear_config()
+
+
+def test_periodic_sample_grids_from_ema_params(tmp_path):
+    """TrainConfig.sample_every writes PNG grids and TensorBoard images from the EMA params."""
+    tf = pytest.importorskip("tensorflow")
+    stage = testing.tiny_test_stage()
+    workdir = str(tmp_path / "run")
+    config = trainer.TrainConfig(batch_size=8, num_steps=2, log_every=1, sample_every=2,
+                                 num_samples=4, sample_steps=2, progress_bar=False)
+    data_fn = functools.partial(testing.synthetic_data, resolution=stage.resolution,
+                                text_length=stage.text_length, text_embed_dim=16)
+    trainer.train(workdir, stage=stage, data_fn=data_fn, config=config)
+    grids = sorted(os.listdir(os.path.join(workdir, "samples")))
+    assert grids == ["00000002.png"]
+    from PIL import Image
+
+    grid = np.asarray(Image.open(os.path.join(workdir, "samples", grids[0])))
+    assert grid.ndim == 3 and grid.shape[2] == 3
+    assert grid.shape[0] * grid.shape[1] >= 4 * stage.resolution**2  # num_samples tiles
+    events = os.listdir(os.path.join(workdir, "tb"))
+    images = [v.image for path in events
+              for r in tf.data.TFRecordDataset(os.path.join(workdir, "tb", path))
+              for v in tf.compat.v1.Event.FromString(r.numpy()).summary.value
+              if v.HasField("image")]
+    assert len(images) == 1
+    np.testing.assert_array_equal(tf.io.decode_png(images[0].encoded_image_string).numpy(), grid)
