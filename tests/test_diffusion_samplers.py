@@ -24,7 +24,7 @@ SCHEDULE = D.CosineSchedule()
 GAUSSIAN = D.GaussianMixture1D(weights=(1.0,), means=(0.5,), stds=(0.5,))
 MIXTURE = D.GaussianMixture1D(weights=(0.25, 0.75), means=(-0.5, 0.7), stds=(0.2, 0.3))
 # Step counts at which each sampler matches the moments within 2% (documented in
-# docs/readme/diffusion.md). DDPM and DDIM are first order: their variance bias is O(1/N)
+# README.md (Diffusion core)). DDPM and DDIM are first order: their variance bias is O(1/N)
 # (about -2% x 250/N for DDPM and -5% x 50/N for DDIM on unit-scale data), DPM-Solver++(2M)
 # is second order.
 MOMENT_STEPS = {"ddpm": 1000, "ddim": 250, "dpmpp_2m": 25}

@@ -48,7 +48,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 # Step counts used when `num_steps` is not given (the paper states none): practical defaults for
 # images. Matching the mean and variance of unit-scale Gaussian-mixture data within 2% takes more
 # for the first-order samplers, whose variance bias is O(1/N): 1000 (ddpm), 250 (ddim), 25
-# (dpmpp_2m); see tests/test_diffusion_samplers.py and docs/readme/diffusion.md.
+# (dpmpp_2m); see tests/test_diffusion_samplers.py and README.md (Diffusion core).
 DEFAULT_NUM_STEPS = {"ddpm": 250, "ddim": 50, "dpmpp_2m": 25}
 
 

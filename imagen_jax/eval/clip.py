@@ -7,7 +7,7 @@ Weights load from local files in either layout:
   * Hugging Face ``transformers.CLIPModel`` (``vision_model.encoder.layers.N.self_attn.q_proj``
     ...), a directory with ``config.json`` + ``model.safetensors``/``pytorch_model.bin``.
 OpenAI's original ``ViT-B-32.pt`` files are TorchScript archives, which cannot be read without
-torch: re-save them once with ``torch.jit.load(p).state_dict()`` (see docs/readme/eval.md).
+torch: re-save them once with ``torch.jit.load(p).state_dict()`` (see README.md (Evaluation)).
 
 CLIP score (as in the text-to-image literature, e.g. torchmetrics): 100 * max(cos(img, txt), 0).
 """

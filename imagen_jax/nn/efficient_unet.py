@@ -49,10 +49,10 @@ class EfficientUNet(nn.Module):
     self_attention: bool | Sequence[bool] = (False, False, False, True)
     cross_attention: bool | Sequence[bool] = (False, False, False, True)
     # One attention layer after every residual block of an attention block (True) or one per
-    # block (False): the paper does not say; see docs/readme/nn.md for the parameter counts.
+    # block (False): the paper does not say; see README.md (U-Nets) for the parameter counts.
     attn_every_res_block: bool = True
     # Fig. A.27 draws a 1x1 shortcut conv in every ResNetBlock; the presets keep the identity
-    # where widths match (see docs/readme/nn.md: with it the 1024 stage is 0.46 B, not 0.4 B).
+    # where widths match (see README.md (U-Nets): with it the 1024 stage is 0.46 B, not 0.4 B).
     conv_shortcut: bool = False
     num_heads: int = 8  # App. B.1: 8 heads
     attn_hidden_mult: int = 2  # App. B.1: hidden width 2x channels
