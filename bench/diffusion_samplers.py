@@ -18,6 +18,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
 
+from bench.timing import median_time  # noqa: E402
+
 flags.DEFINE_integer("batch_size", 8, "images per batch")
 flags.DEFINE_integer("resolution", 64, "image side (RGB)")
 flags.DEFINE_integer("iters", 3, "timed runs per implementation (median reported)")
@@ -25,16 +27,6 @@ F = flags.FLAGS
 
 # (sampler, steps, diffusers scheduler)
 CASES = (("ddim", 50, "DDIMScheduler"), ("dpmpp_2m", 25, "DPMSolverMultistepScheduler"))
-
-
-def _median_time(fn, iters: int) -> float:
-    fn()  # warm-up (compile / allocator)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv):
@@ -101,8 +93,8 @@ def main(argv):
         compile_s = time.perf_counter() - t0
         ref = theirs().numpy().transpose(0, 2, 3, 1)
         err = np.abs(out - ref).max()
-        t_ours = _median_time(ours, F.iters)
-        t_ref = _median_time(theirs, F.iters)
+        t_ours = median_time(ours, F.iters)
+        t_ref = median_time(theirs, F.iters)
         print(f"  {sampler} x {steps} steps (vs diffusers {sched_name}); max |diff| {err:.1e}")
         print(f"    imagen_jax (one jitted scan): {t_ours * 1e3:9.1f} ms   (first call incl. "
               f"compile {compile_s:.1f} s)")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
+
+from bench.timing import median_time  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 8, "prompts per batch")
 flags.DEFINE_integer("length", 128, "max_length (tokens per prompt, EOS included)")
@@ -22,16 +23,6 @@ flags.DEFINE_string("size", "base", "T5 preset size (small/base/large...)")
 flags.DEFINE_string("variant", "v1_1", "v1_0 (ReLU) or v1_1 (gated GELU)")
 flags.DEFINE_integer("iters", 5, "timed iterations per implementation (median reported)")
 F = flags.FLAGS
-
-
-def _median_time(fn, iters: int) -> float:
-    fn()  # warm-up (compile / allocator)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv):
@@ -68,8 +59,8 @@ def main(argv):
         with torch.inference_mode():
             ref(input_ids=ids_t, attention_mask=mask_t)
 
-    t_ours = _median_time(ours, F.iters)
-    t_ref = _median_time(theirs, F.iters)
+    t_ours = median_time(ours, F.iters)
+    t_ref = median_time(theirs, F.iters)
     with torch.inference_mode():
         ref_out = ref(input_ids=ids_t, attention_mask=mask_t).last_hidden_state.numpy()
     err = np.abs(np.asarray(enc.encode(ids, mask)) - ref_out)[mask].max()

@@ -850,8 +850,8 @@ def param_shardings(
     return shardings
 
 
-def abstract_params(stage: CascadeStage, embed_dim: int, text_length: int = 8) -> PyTree:
-    """``jax.eval_shape`` of the stage's init (boxed with logical names; nothing allocated)."""
+def _init_fn(stage: CascadeStage, embed_dim: int, text_length: int) -> Callable:
+    """``rng -> variables`` of the stage's model, on a batch-1 dummy input of the right shapes."""
     r = stage.resolution
     x = jnp.zeros((1, r, r, 3), jnp.float32)
     t = jnp.zeros((1,), jnp.float32)
@@ -861,11 +861,13 @@ def abstract_params(stage: CascadeStage, embed_dim: int, text_length: int = 8) -
     if stage.is_sr:
         lr = stage.lowres_resolution
         kwargs = dict(lowres=jnp.zeros((1, lr, lr, 3), jnp.float32), aug_level=t)
+    return lambda rng: stage.model.init(rng, x, t, embeds, mask, **kwargs)
 
-    def init(rng):
-        return stage.model.init(rng, x, t, embeds, mask, **kwargs)["params"]
 
-    return jax.eval_shape(init, jax.random.PRNGKey(0))
+def abstract_params(stage: CascadeStage, embed_dim: int, text_length: int = 8) -> PyTree:
+    """``jax.eval_shape`` of the stage's init (boxed with logical names; nothing allocated)."""
+    init = _init_fn(stage, embed_dim, text_length)
+    return jax.eval_shape(lambda rng: init(rng)["params"], jax.random.PRNGKey(0))
 
 
 def random_params(stage: CascadeStage, seed: int = 0, embed_dim: int | None = None) -> PyTree:
@@ -893,16 +895,7 @@ def init_params(
     stage: CascadeStage, rng: jax.Array, embed_dim: int, text_length: int = 8
 ) -> PyTree:
     """Random parameters for ``stage`` (tests, benchmarks, the notebook's untrained cascade)."""
-    r = stage.resolution
-    x = jnp.zeros((1, r, r, 3), jnp.float32)
-    t = jnp.zeros((1,), jnp.float32)
-    embeds = jnp.zeros((1, text_length, embed_dim), jnp.float32)
-    mask = jnp.ones((1, text_length), bool)
-    kwargs = {}
-    if stage.is_sr:
-        lr = stage.lowres_resolution
-        kwargs = dict(lowres=jnp.zeros((1, lr, lr, 3), jnp.float32), aug_level=t)
-    variables = jax.jit(lambda k: stage.model.init(k, x, t, embeds, mask, **kwargs))(rng)
+    variables = jax.jit(_init_fn(stage, embed_dim, text_length))(rng)
     return nn.meta.unbox(variables["params"])
 
 
