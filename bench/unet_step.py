@@ -12,12 +12,17 @@ residual blocks per level, self + text attention at 32/16/8, 64 channels per hea
 
 Compilation (ours) and one warm-up call (theirs) are excluded; the median of ``--steps`` timed
 calls is reported. Prints seconds per call for each side and the ratios (theirs / ours).
+
+It also prints a roofline: the FLOPs of each side's step (ours from XLA's cost analysis of the
+compiled function, theirs from ``torch.utils.flop_counter``), the throughput each side reaches,
+and the machine's float32 peak measured in the same run (a large jitted matmul). At that peak
+our FLOPs cannot take less than ``flops / peak`` seconds, which bounds the speed-up this
+machine allows whatever the implementation.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bench.timing import median_time
 from imagen_jax import diffusion
 from imagen_jax.nn import BaseUNet
 
@@ -36,13 +42,17 @@ ATTN_RES = (32, 16, 8)
 GUIDANCE = 3.0
 
 
-def _timed(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+def machine_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Float32 matmul throughput of this machine through XLA (GFLOP/s): the roofline's ceiling."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    seconds = median_time(lambda: jax.block_until_ready(matmul(a)), repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def _xla_flops(jitted: Callable, *args: object) -> float:
+    return float(jitted.lower(*args).compile().cost_analysis()["flops"])
 
 
 def bench_ours(steps: int, sample_steps: int) -> dict[str, float]:
@@ -99,16 +109,27 @@ def bench_ours(steps: int, sample_steps: int) -> dict[str, float]:
         state = train_step(state[0], state[1], jax.random.key(3))
         jax.block_until_ready(state)
 
-    train = _timed(run_train, steps)
-    sample_time = _timed(lambda: jax.block_until_ready(sample(params, jax.random.key(4))), 1)
+    train = median_time(run_train, steps, warmup=False)
+    sample_time = median_time(lambda: jax.block_until_ready(sample(params, jax.random.key(4))), 1,
+                              warmup=False)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    # FLOPs: the train step as compiled; a guided sampling step is one model call on 2B rows
+    # (XLA's cost analysis counts a scan body once, so the sampler is costed per step).
+    x_2b = jnp.concatenate([images, images])
+    embeds_2b = jnp.concatenate([embeds, embeds])
+    mask_2b = jnp.concatenate([mask, mask])
+    forward_2b = jax.jit(lambda p: model.apply({"params": p}, x_2b, jnp.zeros(2 * BATCH),
+                                                 embeds_2b, mask_2b))
     return dict(train=train, sample=sample_time, train_compile=train_compile,
-                sample_compile=sample_compile, params=n_params)
+                sample_compile=sample_compile, params=n_params,
+                train_flops=_xla_flops(train_step, params, opt_state, jax.random.key(1)),
+                sample_flops=sample_steps * _xla_flops(forward_2b, params))
 
 
 def bench_imagen_pytorch(steps: int, sample_steps: int) -> dict[str, float]:
     import torch
     import transformers
+    from torch.utils.flop_counter import FlopCounterMode
 
     # imagen-pytorch asks the Hub for the T5 config at construction: answer locally.
     transformers.T5Config.from_pretrained = classmethod(
@@ -135,19 +156,30 @@ def bench_imagen_pytorch(steps: int, sample_steps: int) -> dict[str, float]:
         loss.backward()
         optimizer.step()
 
+    def forward_2b():  # one guided sampling step: the conditional and the null-text pass
+        with torch.no_grad():
+            for cond_drop_prob in (0.0, 1.0):
+                unet(images, torch.zeros(BATCH), text_embeds=embeds, text_mask=mask,
+                     cond_drop_prob=cond_drop_prob)
+
     def sample():
         with torch.no_grad():
             imagen.sample(text_embeds=embeds, text_masks=mask, cond_scale=GUIDANCE,
                           use_tqdm=False)
 
     imagen.train()
-    train_step()  # warm-up
-    train = _timed(train_step, steps)
+    train = median_time(train_step, steps)
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    train_flops = counter.get_total_flops()
     imagen.eval()
-    sample_time = _timed(sample, 1)
+    sample_time = median_time(sample, 1, warmup=False)
+    with FlopCounterMode(display=False) as counter:
+        forward_2b()
     n_params = sum(p.numel() for p in unet.parameters())
     return dict(train=train, sample=sample_time, params=n_params,
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(), train_flops=train_flops,
+                sample_flops=sample_steps * counter.get_total_flops())
 
 
 def main() -> None:
@@ -155,6 +187,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (median)")
     parser.add_argument("--sample_steps", type=int, default=50, help="sampling steps")
     args = parser.parse_args()
+    peak = machine_peak_gflops()
     ours = bench_ours(args.steps, args.sample_steps)
     theirs = bench_imagen_pytorch(args.steps, args.sample_steps)
     print(f"device: {jax.devices()[0].device_kind}; batch {BATCH}, {SIZE}x{SIZE}, dim {DIM}, "
@@ -167,6 +200,14 @@ def main() -> None:
                         ("sample", f"{args.sample_steps}-step guided sample")):
         print(f"{label}: ours {ours[name]:.3f} s, imagen-pytorch {theirs[name]:.3f} s, "
               f"speed-up x{theirs[name] / ours[name]:.2f}")
+    print(f"roofline: float32 matmul peak {peak:.0f} GFLOP/s (XLA, this machine, this run)")
+    for name, label in (("train", "training step"), ("sample", "guided sample")):
+        floor = ours[f"{name}_flops"] / (peak * 1e9)
+        print(f"  {label}: ours {ours[f'{name}_flops'] / 1e9:.0f} GFLOP at "
+              f"{ours[f'{name}_flops'] / ours[name] / 1e9:.0f} GFLOP/s, imagen-pytorch "
+              f"{theirs[f'{name}_flops'] / 1e9:.0f} GFLOP at "
+              f"{theirs[f'{name}_flops'] / theirs[name] / 1e9:.0f} GFLOP/s; ours at peak would "
+              f"take {floor:.2f} s: speed-up at most x{theirs[name] / floor:.2f}")
 
 
 if __name__ == "__main__":

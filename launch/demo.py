@@ -1,12 +1,13 @@
 r"""`make demo`: train a tiny three-stage cascade on the shapes dataset, sample, score, show.
 
-    python -m launch.demo [--out=demo_out] [--num_prompts=64] [--steps=1500,600,400]
+    python -m launch.demo [--out=demo_out] [--num_prompts=64] [--steps=1700,300,300]
         [--gin.NAME=VALUE ...]   # applied to every stage, e.g. --gin.TrainConfig.batch_size=16
 
-1. renders the shapes dataset at 256 px into a local tfds directory (`imagen_shapes/demo`);
+1. renders the shapes dataset into a local tfds directory: `imagen_shapes/demo_<N>` at 128 px
+   (base and first SR stage) and the smaller `imagen_shapes/demo512_<M>` at 512 px (last stage);
 2. writes a small RANDOM T5 encoder (`imagen_jax.text.testing.write_random_t5`; no weights can
-   be downloaded here) and caches the train captions' embeddings;
-3. trains 16 px base -> 64 px SR -> 256 px SR (4x factors; the last stage on 64 px crops, as the
+   be downloaded here) and caches the train captions' embeddings of both datasets;
+3. trains 32 px base -> 128 px SR -> 512 px SR (4x factors; both SR stages on 64 px crops, as the
    paper trains its 1024 stage on 256 crops) through the real trainer (`gin_configs/demo/*.gin`);
 4. samples the `heldout` prompts (attribute combinations never seen in training) with the
    compiled cascade, scores every stage's images with the shapes adherence scorer, and writes
@@ -32,15 +33,19 @@ from launch import shared_flags as sf
 FLAGS = flags.FLAGS
 sf.DEFINE_string("out", None, "Output directory (data, T5, checkpoints, results; demo_out).")
 sf.DEFINE_integer("num_prompts", 64, "Heldout prompts to sample and score.")
-sf.DEFINE_integer("num_train", 6000, "Training scenes to render.")
-sf.DEFINE_list("steps", None, "Train steps per stage (base,sr64,sr256); default: gin files.")
+sf.DEFINE_integer("num_train", 20000, "Training scenes to render at 128 px (base, first SR).")
+sf.DEFINE_integer("num_train_512", 2000, "Training scenes to render at 512 px (last SR stage).")
+sf.DEFINE_list("steps", None, "Train steps per stage (base,sr128,sr512); default: gin files.")
 sf.DEFINE_integer("seed", 0, "Sampling seed.")
 sf.DEFINE_bool("retrain", False, "Delete existing checkpoints and train again.")
 
-STAGES = ("base", "sr64", "sr256")
-DATASET_CONFIG = "demo_{num_train}"  # one tfds config per training-set size
-DATASET_RESOLUTION = 256
-NUM_HELDOUT = 256
+STAGES = ("base", "sr128", "sr512")
+# Two prepared datasets: the base and first SR stage need many scenes at <= 128 px, the last
+# stage a few at 512 px (rendering and decoding 512 px images for the base would cost minutes).
+# One tfds config per (dataset, training-set size).
+DATASETS = {"main": ("demo_{num_train}", 128), "hires": ("demo512_{num_train}", 512)}
+STAGE_DATASET = {"base": "main", "sr128": "main", "sr512": "hires"}
+NUM_HELDOUT = {"main": 256, "hires": 16}
 T5_VOCAB_SIZE = 512
 
 
@@ -48,12 +53,12 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def dataset_name(num_train: int) -> str:
-    return f"imagen_shapes/{DATASET_CONFIG.format(num_train=num_train)}"
+def dataset_name(dataset: str, num_train: int) -> str:
+    return f"imagen_shapes/{DATASETS[dataset][0].format(num_train=num_train)}"
 
 
-def prepare_dataset(data_dir: str, num_train: int) -> Any:
-    """Renders the demo config of `imagen_shapes` (256 px) into ``data_dir`` (idempotent).
+def prepare_dataset(data_dir: str, dataset: str, num_train: int) -> Any:
+    """Renders a demo config of `imagen_shapes` into ``data_dir`` (idempotent).
 
     The config is registered on the builder class at run time: it exists only for the demo.
     """
@@ -61,14 +66,13 @@ def prepare_dataset(data_dir: str, num_train: int) -> Any:
 
     from imagen_jax.data import shapes_tfds
 
-    name = DATASET_CONFIG.format(num_train=num_train)
-    configs = shapes_tfds.ImagenShapes.BUILDER_CONFIGS
-    if not any(c.name == name for c in configs):
-        configs.append(shapes_tfds.ShapesConfig(
-            name=name, description=f"make demo: {DATASET_RESOLUTION} px, {num_train} train",
-            resolution=DATASET_RESOLUTION, num_train=num_train, num_heldout=NUM_HELDOUT,
-        ))
-    builder = tfds.builder(dataset_name(num_train), data_dir=data_dir)
+    template, resolution = DATASETS[dataset]
+    name = template.format(num_train=num_train)
+    shapes_tfds.register_config(shapes_tfds.ShapesConfig(
+        name=name, description=f"make demo: {resolution} px, {num_train} train",
+        resolution=resolution, num_train=num_train, num_heldout=NUM_HELDOUT[dataset],
+    ))
+    builder = tfds.builder(dataset_name(dataset, num_train), data_dir=data_dir)
     builder.download_and_prepare()
     return builder
 
@@ -79,23 +83,30 @@ def heldout_prompts(n: int) -> list[str]:
     return [shapes.sample_scene("heldout", i).caption for i in range(n)]
 
 
-def prepare_text(out: str, data_dir: str, num_train: int) -> tuple[str, str, str]:
-    """Random T5 (spm on train captions) + embedding cache: (t5 dir, cache dir, fingerprint)."""
+def prepare_text(out: str, data_dir: str,
+                 num_train: dict[str, int]) -> tuple[str, dict[str, str], str]:
+    """Random T5 (spm on train captions) + an embedding cache per dataset:
+    (t5 dir, {dataset: cache dir}, fingerprint)."""
     from imagen_jax.data import embed_cache, pipeline
     from imagen_jax.text import load_t5
     from imagen_jax.text.testing import write_random_t5
 
-    t5_dir, cache_dir = os.path.join(out, "t5"), os.path.join(out, f"embeddings_{num_train}")
-    source = pipeline.SourceSpec(name=dataset_name(num_train), split="train", data_dir=data_dir)
-    captions = pipeline.CaptionTable(source)
-    if not os.path.exists(os.path.join(t5_dir, "config.json")):
-        texts = [captions[i][1] for i in range(min(len(captions), 4000))]
-        write_random_t5(t5_dir, texts=texts, vocab_size=T5_VOCAB_SIZE)
-    encoder = load_t5(t5_dir, max_length=_text_length())
-    embed_cache.build_cache(cache_dir, encoder, captions, shard_size=2048,
-                            encode_batch_size=256,
-                            dataset_info=pipeline.source_info(source))
-    return t5_dir, cache_dir, encoder.fingerprint
+    t5_dir = os.path.join(out, "t5")
+    encoder, cache_dirs = None, {}
+    for dataset in DATASETS:
+        name = dataset_name(dataset, num_train[dataset])
+        source = pipeline.SourceSpec(name=name, split="train", data_dir=data_dir)
+        captions = pipeline.CaptionTable(source)
+        if encoder is None:
+            if not os.path.exists(os.path.join(t5_dir, "config.json")):
+                texts = [captions[i][1] for i in range(min(len(captions), 4000))]
+                write_random_t5(t5_dir, texts=texts, vocab_size=T5_VOCAB_SIZE)
+            encoder = load_t5(t5_dir, max_length=_text_length())
+        cache_dirs[dataset] = os.path.join(out, "embeddings", name.split("/")[-1])
+        embed_cache.build_cache(cache_dirs[dataset], encoder, captions, shard_size=4096,
+                                encode_batch_size=256,
+                                dataset_info=pipeline.source_info(source))
+    return t5_dir, cache_dirs, encoder.fingerprint
 
 
 def _text_length() -> int:
@@ -111,12 +122,13 @@ def _text_length() -> int:
     return int(length)
 
 
-def stage_bindings(out: str, cache_dir: str, t5_dir: str, fingerprint: str,
-                   num_train: int) -> list[str]:
+def stage_bindings(stage: str, out: str, cache_dirs: dict[str, str], t5_dir: str,
+                   fingerprint: str, num_train: dict[str, int]) -> list[str]:
+    dataset = STAGE_DATASET[stage]
     return [
-        f"SourceSpec.name = '{dataset_name(num_train)}'",
+        f"SourceSpec.name = '{dataset_name(dataset, num_train[dataset])}'",
         f"DATA_DIR = '{os.path.join(out, 'tfds')}'",
-        f"CACHE_DIR = '{cache_dir}'",
+        f"CACHE_DIR = '{cache_dirs[dataset]}'",
         f"T5_PATH = '{t5_dir}'",
         f"TEXT_FINGERPRINT = '{fingerprint}'",
     ]
@@ -222,7 +234,7 @@ T5. Heldout prompts combine colours and shapes never paired in training. Scores 
                    "exact": [[r.exact for r in stage] for stage in per_image]}, f, indent=2)
 
 
-def run(out: str, *, num_prompts: int = 64, num_train: int = 6000,
+def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_512: int = 2000,
         steps: Sequence[int] | None = None, bindings: Sequence[str] = (), seed: int = 0,
         retrain: bool = False, progress: bool = True) -> dict[str, Any]:
     """The whole demo; returns {'scores': per-stage summaries, 'timings': seconds}."""
@@ -237,20 +249,23 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 6000,
     if retrain:
         shutil.rmtree(os.path.join(out, "stages"), ignore_errors=True)
 
+    sizes = {"main": num_train, "hires": num_train_512}
     t0 = time.perf_counter()
-    prepare_dataset(os.path.join(out, "tfds"), num_train)
+    for dataset, n in sizes.items():
+        prepare_dataset(os.path.join(out, "tfds"), dataset, n)
     timings["dataset_s"] = time.perf_counter() - t0
-    _log(f"dataset ready ({timings['dataset_s']:.0f}s)")
+    _log(f"datasets ready ({timings['dataset_s']:.0f}s)")
 
     t0 = time.perf_counter()
-    t5_dir, cache_dir, fingerprint = prepare_text(out, os.path.join(out, "tfds"), num_train)
+    t5_dir, cache_dirs, fingerprint = prepare_text(out, os.path.join(out, "tfds"), sizes)
     timings["text_s"] = time.perf_counter() - t0
-    _log(f"random T5 + embedding cache ready ({timings['text_s']:.0f}s)")
+    _log(f"random T5 + embedding caches ready ({timings['text_s']:.0f}s)")
 
-    common = [*stage_bindings(out, cache_dir, t5_dir, fingerprint, num_train), *bindings]
     for i, (name, workdir) in enumerate(zip(STAGES, stage_dirs)):
+        stage_gin = [*stage_bindings(name, out, cache_dirs, t5_dir, fingerprint, sizes),
+                     *bindings]
         timings[f"train_{name}_s"] = train_stage(
-            name, workdir, common, None if steps is None else int(steps[i]))
+            name, workdir, stage_gin, None if steps is None else int(steps[i]))
 
     t0 = time.perf_counter()
     cascade = cascade_lib.load_cascade(stage_dirs, t5_dir, mesh=partitioning.make_mesh())
@@ -290,7 +305,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.steps is not None and len(FLAGS.steps) != len(STAGES):
         raise app.UsageError(f"--steps needs {len(STAGES)} values ({','.join(STAGES)})")
     run(FLAGS.out or "demo_out", num_prompts=FLAGS.num_prompts, num_train=FLAGS.num_train,
-        steps=FLAGS.steps,
+        num_train_512=FLAGS.num_train_512, steps=FLAGS.steps,
         bindings=_GIN_BINDINGS, seed=FLAGS.seed, retrain=FLAGS.retrain)
 
 

@@ -161,8 +161,8 @@ def layout_rows(spec: SummaryInputs, params: Any) -> list[tuple[str, ...]]:
         blocks = (model.num_res_blocks if isinstance(model.num_res_blocks, (list, tuple))
                   else [model.num_res_blocks] * n_levels)
         for level, mult in enumerate(model.channel_mult):
-            res = spec.resolution // 2**level
-            attn = "self+text" if model.image_size // 2**level in model.attn_resolutions else "-"
+            res = spec.resolution // model.patch_size // 2**level
+            attn = "self+text" if res in model.attn_resolutions else "-"
             rows.append((f"{res}x{res}", str(model.channels * mult),
                          f"{blocks[level]}/{blocks[level] + 1}", attn,
                          f"{per_level.get(level, 0) / 1e6:.1f}"))

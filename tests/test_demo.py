@@ -25,8 +25,8 @@ TINY = [
 
 def test_miniature_demo_trains_samples_scores_and_reuses_checkpoints(tmp_path):
     out = tmp_path / "demo"
-    first = demo.run(str(out), num_prompts=4, num_train=32, steps=(2, 2, 2), bindings=TINY,
-                     progress=False)
+    first = demo.run(str(out), num_prompts=4, num_train=32, num_train_512=8, steps=(2, 2, 2),
+                     bindings=TINY, progress=False)
     for name in ("grid.png", "index.html", "results.json"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
@@ -34,13 +34,14 @@ def test_miniature_demo_trains_samples_scores_and_reuses_checkpoints(tmp_path):
     assert len(results["prompts"]) == 4
     html = (out / "index.html").read_text()
     assert html.count("<tr>") == 5 and results["prompts"][0].split()[0] in html
-    assert [x.shape for x in first["result"].images] == [(4, 16, 16, 3), (4, 64, 64, 3),
-                                                         (4, 256, 256, 3)]
+    assert [x.shape for x in first["result"].images] == [(4, 32, 32, 3), (4, 128, 128, 3),
+                                                         (4, 512, 512, 3)]
     assert all(first["timings"][f"train_{n}_s"] > 0 for n in demo.STAGES)
     for n in demo.STAGES:
         assert os.path.isdir(out / "stages" / n / "checkpoints")
 
-    second = demo.run(str(out), num_prompts=4, num_train=32, steps=(2, 2, 2), bindings=TINY,
+    second = demo.run(str(out), num_prompts=4, num_train=32, num_train_512=8, steps=(2, 2, 2),
+                     bindings=TINY,
                       progress=False)
     assert all(second["timings"][f"train_{n}_s"] == 0 for n in demo.STAGES)
     # Same checkpoints, prompts and seed: the same images.

@@ -265,5 +265,42 @@ def test_clear_errors_on_bad_inputs(base_setup, sr_setup):
         sr_model.apply({"params": sr_params}, sr_args[0][:, :14, :14], *sr_args[1:])
 
 
+def _space_to_depth(x, p):
+    """numpy transcription: out[b, i, j, (di * p + dj) * C + c] = x[b, i*p + di, j*p + dj, c]."""
+    b, h, w, c = x.shape
+    out = np.zeros((b, h // p, w // p, p * p * c), x.dtype)
+    for di in range(p):
+        for dj in range(p):
+            out[..., (di * p + dj) * c:(di * p + dj + 1) * c] = x[:, di::p, dj::p, :]
+    return out
+
+
+def _depth_to_space(y, p, c):
+    b, hp, wp, _ = y.shape
+    out = np.zeros((b, hp * p, wp * p, c), y.dtype)
+    for di in range(p):
+        for dj in range(p):
+            out[:, di::p, dj::p, :] = y[..., (di * p + dj) * c:(di * p + dj + 1) * c]
+    return out
+
+
+def test_patch_size_folds_pixels_into_channels(base_setup):
+    """patch_size=2 is the same U-Net run on the space-to-depth image, its output unfolded."""
+    model, args, _ = base_setup
+    patched = model.clone(patch_size=2)
+    inner = model.clone(image_size=SIZE // 2, out_channels=12)  # 2 * 2 * 3 channels in and out
+    x = np.asarray(args[0])
+    folded = [jnp.asarray(_space_to_depth(x, 2)), *args[1:]]
+    params = _perturbed_params(patched, args)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape,
+                                                           _perturbed_params(inner, folded))
+    out = patched.apply({"params": params}, *args)
+    want = _depth_to_space(np.asarray(inner.apply({"params": params}, *folded)), 2, 3)
+    assert out.shape == x.shape
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="patch_size 2"):
+        patched.apply({"params": params}, args[0][:, :14, :14], *args[1:])
+
+
 def test_exports():
     assert isinstance(tiny_base(), BaseUNet) and isinstance(tiny_sr(), EfficientUNet)

@@ -166,3 +166,20 @@ if __name__ == "__main__":
     _CONFIG = flags.DEFINE_string("config", "r64", "imagen_shapes config name")
     _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir to write into", required=True)
     app.run(main)
+
+
+def register_config(config: ShapesConfig) -> None:
+    """Adds ``config`` to `ImagenShapes` so ``tfds.builder("imagen_shapes/<name>")`` finds it.
+
+    tfds memoises the builder's config table on first use, so appending to ``BUILDER_CONFIGS``
+    alone is not enough once any `imagen_shapes` builder exists: the memoised table is updated
+    too. A config of the same name must be identical.
+    """
+    for existing in ImagenShapes.BUILDER_CONFIGS:
+        if existing.name == config.name:
+            if existing != config:
+                raise ValueError(f"imagen_shapes config {config.name!r} is already registered "
+                                 f"with other settings ({existing}); choose another name")
+            return
+    ImagenShapes.BUILDER_CONFIGS.append(config)
+    ImagenShapes.builder_configs.setdefault(config.name, config)

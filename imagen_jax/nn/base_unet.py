@@ -43,6 +43,11 @@ class BaseUNet(nn.Module):
     num_res_blocks: int | Sequence[int] = 3
     attn_resolutions: Sequence[int] = (32, 16, 8)
     image_size: int = 64
+    # Side of the square pixel patches folded into channels before the first conv and unfolded
+    # after the last (space-to-depth; Hoogeboom et al. 2023, "simple diffusion", Sec. 3.3): the
+    # U-Net runs at image_size / patch_size for about the cost of that smaller image. 1 = the
+    # paper's base U-Net. ``attn_resolutions`` name feature-map sides, i.e. after patching.
+    patch_size: int = 1
     head_dim: int = 64
     embed_dim: int | None = None  # timestep-embedding width; None -> 4 * channels (ADM)
     sinusoid_dim: int | None = None  # None -> channels
@@ -67,12 +72,16 @@ class BaseUNet(nn.Module):
         if lowres is not None or aug_level is not None:
             raise ValueError(f"{name} is a base (not super-resolution) model: call it with "
                              "lowres=None and aug_level=None, or use EfficientUNet")
-        b, height, width, _ = x.shape
+        b, height, width, in_channels = x.shape
         num_levels = len(self.channel_mult)
-        factor = 2 ** (num_levels - 1)
+        patch = self.patch_size
+        if patch < 1:
+            raise ValueError(f"{name}: patch_size must be >= 1, got {patch}")
+        factor = patch * 2 ** (num_levels - 1)
         if height != width or height % factor:
             raise ValueError(f"{name}: x must be square with a side divisible by {factor}, got "
-                             f"{x.shape}; the model has {num_levels} levels")
+                             f"{x.shape}; the model has {num_levels} levels and patch_size "
+                             f"{patch}")
         check_time(t, b, "t", name)
         check_text_inputs(text_embeds, text_mask, b, self.text_embed_dim, name)
 
@@ -97,13 +106,16 @@ class BaseUNet(nn.Module):
             self.attn_pool_heads, use_aug_level=False, name="cond", **kw)(t, text_embeds,
                                                                          text_mask)
 
-        h = constrain_image(x.astype(dtype))
+        # [B, H, W, C] -> [B, H/p, W/p, p*p*C]
+        h = x.reshape(b, height // patch, patch, width // patch, patch, in_channels)
+        h = h.transpose(0, 1, 3, 2, 4, 5).reshape(b, height // patch, width // patch, -1)
+        h = constrain_image(h.astype(dtype))
         h = Conv(self.channels * self.channel_mult[0], 3, channel_axes=(None, "conv_out"),
                  name="conv_in", **kw)(h)
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
             ch = self.channels * mult
-            use_attn = self.image_size // 2**level in self.attn_resolutions
+            use_attn = self.image_size // patch // 2**level in self.attn_resolutions
             for i in range(blocks_per_level[level]):
                 h = resblock(ch, f"down_{level}_res_{i}")(h, emb)
                 if use_attn:
@@ -123,7 +135,7 @@ class BaseUNet(nn.Module):
 
         for level in reversed(range(num_levels)):
             ch = self.channels * self.channel_mult[level]
-            use_attn = self.image_size // 2**level in self.attn_resolutions
+            use_attn = self.image_size // patch // 2**level in self.attn_resolutions
             for i in range(blocks_per_level[level] + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = resblock(ch, f"up_{level}_res_{i}")(h, emb)
@@ -138,6 +150,9 @@ class BaseUNet(nn.Module):
 
         h = nn.swish(GroupNorm(self.num_groups, param_dtype, name="norm_out")(h))
         # Zero-initialised output: the untrained model predicts 0 (the mean of eps).
-        out = Conv(self.out_channels, 3, zero_init=True,
+        out = Conv(self.out_channels * patch * patch, 3, zero_init=True,
                    channel_axes=("conv_in", None), name="conv_out", **kw)(h)
+        # [B, H/p, W/p, p*p*C_out] -> [B, H, W, C_out]
+        out = out.reshape(b, height // patch, width // patch, patch, patch, self.out_channels)
+        out = out.transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, self.out_channels)
         return constrain_image(out.astype(jnp.float32))

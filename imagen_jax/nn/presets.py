@@ -110,6 +110,8 @@ def tiny_base(
     text_embed_dim: int = 32,
     text_cond_dim: int = 32,
     image_size: int = 16,
+    patch_size: int = 1,
+    resblock_updown: bool = True,
     num_groups: int = 8,
     dtype: str = "float32",
     param_dtype: str = "float32",
@@ -119,7 +121,8 @@ def tiny_base(
     return BaseUNet(channels=channels, channel_mult=tuple(channel_mult),
                     num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
                     head_dim=head_dim, text_embed_dim=text_embed_dim,
-                    text_cond_dim=text_cond_dim, image_size=image_size, num_groups=num_groups,
+                    text_cond_dim=text_cond_dim, image_size=image_size, patch_size=patch_size,
+                    resblock_updown=resblock_updown, num_groups=num_groups,
                     attn_pool_heads=4, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
 
