@@ -163,9 +163,16 @@ def test_launcher_writes_images_grids_and_json(checkpoints, tmp_path):
     assert saved["seed"] == 5 and saved["images"][2]["prompt"] == "un cercle rouge, très petit"
     assert [s["num_steps"] for s in saved["stages"]] == [2, 2, 2]
     assert {"compile_s", "sample_s", "load_s"} <= set(saved["timings"])
+    import numpy as np
     from PIL import Image
 
     assert Image.open(out / files[-2]).size in ((32, 32), (64, 32), (32, 64))
+    # A prompt's grid holds exactly its samples' pixels (a uint8 -> float mix-up once made every
+    # grid white).
+    grid = np.asarray(Image.open(out / "prompt000_grid.png"))
+    samples = [np.asarray(Image.open(out / f"prompt000_sample{k}.png")) for k in range(2)]
+    assert grid.tobytes() in (np.concatenate(samples, 1).tobytes(),
+                              np.concatenate(samples, 0).tobytes())
 
 
 def test_missing_stage_dir_is_a_one_line_error(tmp_path):

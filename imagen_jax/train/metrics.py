@@ -195,8 +195,11 @@ def compiled_flops(compiled: Any) -> float | None:
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """[N, H, W, 3] floats in [-1, 1] -> one uint8 grid image."""
-    images = np.asarray(images, np.float32)
+    """[N, H, W, 3] floats in [-1, 1] (the model convention) or uint8 -> one uint8 grid image."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:  # already pixels (e.g. CascadeOutput.images): map to [-1, 1]
+        images = images.astype(np.float32) / 127.5 - 1.0
+    images = images.astype(np.float32)
     n, h, w, c = images.shape
     columns = columns or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / columns))
