@@ -1,6 +1,6 @@
 r"""`make demo`: train a tiny three-stage cascade on the shapes dataset, sample, score, show.
 
-    python -m launch.demo [--out=demo_out] [--num_prompts=64] [--steps=1700,300,300]
+    python -m launch.demo [--out=demo_out] [--num_prompts=64] [--steps=1700,500,500]
         [--gin.NAME=VALUE ...]   # applied to every stage, e.g. --gin.TrainConfig.batch_size=16
 
 1. renders the shapes dataset into a local tfds directory: `imagen_shapes/demo_<N>` at 128 px
