@@ -42,7 +42,6 @@ ATTN_RES = (32, 16, 8)
 GUIDANCE = 3.0
 
 
-
 def machine_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     """Float32 matmul throughput of this machine through XLA (GFLOP/s): the roofline's ceiling."""
     a = jnp.ones((size, size), jnp.float32)

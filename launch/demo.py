@@ -72,7 +72,7 @@ def prepare_dataset(data_dir: str, dataset: str, num_train: int) -> Any:
         name=name, description=f"make demo: {resolution} px, {num_train} train",
         resolution=resolution, num_train=num_train, num_heldout=NUM_HELDOUT[dataset],
     ))
-    builder = tfds.builder(dataset_name(dataset, num_train), data_dir=data_dir)
+    builder = tfds.builder(f"imagen_shapes/{name}", data_dir=data_dir)
     builder.download_and_prepare()
     return builder
 

@@ -41,8 +41,7 @@ def test_miniature_demo_trains_samples_scores_and_reuses_checkpoints(tmp_path):
         assert os.path.isdir(out / "stages" / n / "checkpoints")
 
     second = demo.run(str(out), num_prompts=4, num_train=32, num_train_512=8, steps=(2, 2, 2),
-                     bindings=TINY,
-                      progress=False)
+                      bindings=TINY, progress=False)
     assert all(second["timings"][f"train_{n}_s"] == 0 for n in demo.STAGES)
     # Same checkpoints, prompts and seed: the same images.
     for a, b in zip(first["result"].images, second["result"].images):

@@ -32,6 +32,7 @@ from imagen_jax.eval import shapes_score
 from imagen_jax.nn import BaseUNet
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
+from imagen_jax.train.step import StepConfig, ema_decay_at
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -106,6 +107,7 @@ def main() -> None:
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.adam(optax.linear_schedule(0.0, a.learning_rate, 50)))
     opt_state, ema = optimizer.init(params), params
+    ema_config = StepConfig(ema_decay=a.ema_decay)
 
     @jax.jit
     def train_step(params, opt_state, ema, key, step):
@@ -126,7 +128,7 @@ def main() -> None:
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        decay = jnp.minimum(a.ema_decay, (1.0 + step) / (10.0 + step))
+        decay = ema_decay_at(step, ema_config)  # the trainer's EMA warm-up
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
         return params, opt_state, ema, loss
 
@@ -152,7 +154,7 @@ def main() -> None:
     start, next_eval = time.time(), a.eval_every
     while True:
         key, sub = jax.random.split(key)
-        params, opt_state, ema, loss = train_step(params, opt_state, ema, sub, step)
+        params, opt_state, ema, loss = train_step(params, opt_state, ema, sub, jnp.int32(step))
         step += 1
         losses.append(loss)
         elapsed = time.time() - start

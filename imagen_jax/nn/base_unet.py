@@ -26,6 +26,8 @@ from imagen_jax.nn.layers import (
     check_text_inputs,
     check_time,
     constrain_image,
+    depth_to_space,
+    space_to_depth,
 )
 
 Array = jax.Array
@@ -72,7 +74,7 @@ class BaseUNet(nn.Module):
         if lowres is not None or aug_level is not None:
             raise ValueError(f"{name} is a base (not super-resolution) model: call it with "
                              "lowres=None and aug_level=None, or use EfficientUNet")
-        b, height, width, in_channels = x.shape
+        b, height, width, _ = x.shape
         num_levels = len(self.channel_mult)
         patch = self.patch_size
         if patch < 1:
@@ -106,10 +108,7 @@ class BaseUNet(nn.Module):
             self.attn_pool_heads, use_aug_level=False, name="cond", **kw)(t, text_embeds,
                                                                          text_mask)
 
-        # [B, H, W, C] -> [B, H/p, W/p, p*p*C]
-        h = x.reshape(b, height // patch, patch, width // patch, patch, in_channels)
-        h = h.transpose(0, 1, 3, 2, 4, 5).reshape(b, height // patch, width // patch, -1)
-        h = constrain_image(h.astype(dtype))
+        h = constrain_image(space_to_depth(x, patch).astype(dtype))  # [B, H/p, W/p, p*p*C]
         h = Conv(self.channels * self.channel_mult[0], 3, channel_axes=(None, "conv_out"),
                  name="conv_in", **kw)(h)
         skips = [h]
@@ -152,7 +151,5 @@ class BaseUNet(nn.Module):
         # Zero-initialised output: the untrained model predicts 0 (the mean of eps).
         out = Conv(self.out_channels * patch * patch, 3, zero_init=True,
                    channel_axes=("conv_in", None), name="conv_out", **kw)(h)
-        # [B, H/p, W/p, p*p*C_out] -> [B, H, W, C_out]
-        out = out.reshape(b, height // patch, width // patch, patch, patch, self.out_channels)
-        out = out.transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, self.out_channels)
+        out = depth_to_space(out, patch)  # [B, H, W, out_channels]
         return constrain_image(out.astype(jnp.float32))

@@ -129,6 +129,21 @@ class LayerNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+def space_to_depth(x: Array, patch: int) -> Array:
+    """[B, H, W, C] -> [B, H/p, W/p, p*p*C]: each p x p pixel patch folded into channels."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // patch, patch, w // patch, patch, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // patch, w // patch, patch * patch * c)
+
+
+def depth_to_space(x: Array, patch: int) -> Array:
+    """[B, h, w, p*p*C] -> [B, h*p, w*p, C]: the inverse of `space_to_depth`."""
+    b, h, w, c = x.shape
+    c //= patch * patch
+    x = x.reshape(b, h, w, patch, patch, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * patch, w * patch, c)
+
+
 def upsample_nearest(x: Array, factor: int = 2) -> Array:
     """[B, H, W, C] -> [B, factor*H, factor*W, C] by pixel repetition."""
     x = jnp.repeat(x, factor, axis=1)
