@@ -11,7 +11,9 @@ r"""`make demo`: train a tiny three-stage cascade on the shapes dataset, sample,
    paper trains its 1024 stage on 256 crops) through the real trainer (`gin_configs/demo/*.gin`);
 4. samples the `heldout` prompts (attribute combinations never seen in training) with the
    compiled cascade, scores every stage's images with the shapes adherence scorer, and writes
-   `grid.png`, `index.html` (prompt, images and score side by side) and `results.json`.
+   `grid.png`, `index.html` (prompt, images and score side by side) and `results.json`;
+5. runs the two SR stages alone on the ground-truth 32 px images of the same prompts and scores
+   them too: the SR stages should keep the content of whatever they are given.
 
 A second run finds the finished checkpoints and only samples (pass --retrain to start over).
 """
@@ -81,6 +83,15 @@ def heldout_prompts(n: int) -> list[str]:
     from imagen_jax.data import shapes
 
     return [shapes.sample_scene("heldout", i).caption for i in range(n)]
+
+
+def heldout_images(n: int, resolution: int) -> Any:
+    """Ground truth of the first ``n`` heldout prompts, uint8 [n, R, R, 3]."""
+    import numpy as np
+
+    from imagen_jax.data import shapes
+
+    return np.stack([shapes.example("heldout", i, resolution)["image"] for i in range(n)])
 
 
 def prepare_text(out: str, data_dir: str,
@@ -175,7 +186,8 @@ def score_stages(images: Sequence[Any], prompts: Sequence[str]) -> tuple[list[di
 
 
 def write_report(out: str, result: Any, names: Sequence[str], summaries: list[dict],
-                 per_image: list[list], timings: dict[str, float]) -> None:
+                 per_image: list[list], timings: dict[str, float],
+                 sr_from_truth: list[dict]) -> None:
     """grid.png (final images), index.html (prompt | stage images | score), results.json."""
     import base64
     import io
@@ -216,6 +228,10 @@ def write_report(out: str, result: Any, names: Sequence[str], summaries: list[di
         f"(colour {s['colour']:.1%}, shape {s['shape']:.1%}, size {s['size']:.1%})</li>"
         for n, s in zip(names, summaries)
     )
+    truth = "".join(
+        f"<li>{html.escape(n)}: exact match {s['exact_match']:.1%}</li>"
+        for n, s in zip(names[1:], sr_from_truth)
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>imagen-jax demo</title>
 <style>body{{font-family:sans-serif}} td.p{{max-width:320px}} td.ok{{color:green}}
 td.bad{{color:#c00}} img{{image-rendering:pixelated}} td,th{{padding:4px}}</style></head><body>
@@ -223,6 +239,8 @@ td.bad{{color:#c00}} img{{image-rendering:pixelated}} td,th{{padding:4px}}</styl
 <p>Tiny three-stage cascade trained from scratch on the procedural shapes dataset with a random
 T5. Heldout prompts combine colours and shapes never paired in training. Scores from
 <code>imagen_jax.eval.shapes_score</code>.</p><ul>{summary}</ul>
+<p>The super-resolution stages alone, fed the ground-truth {names[0].split()[-1]} images of the
+same prompts (do they keep the content?):</p><ul>{truth}</ul>
 <p>Timings (s): {html.escape(json.dumps({k: round(v, 1) for k, v in timings.items()}))}</p>
 <table><tr><th>prompt</th>{head}{score_head}<th>wrong at final resolution</th></tr>
 {''.join(rows)}</table></body></html>"""
@@ -230,6 +248,7 @@ T5. Heldout prompts combine colours and shapes never paired in training. Scores 
         f.write(page)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"stages": list(names), "scores": summaries, "timings": timings,
+                   "sr_from_ground_truth": sr_from_truth,
                    "prompts": result.prompts,
                    "exact": [[r.exact for r in stage] for stage in per_image]}, f, indent=2)
 
@@ -274,18 +293,31 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
     timings["sample_s"] = time.perf_counter() - t0
     timings.update({f"cascade_{k}": v for k, v in result.timings.items()})
 
+    # The SR stages on the ground truth at the base resolution: whether they keep the content,
+    # apart from how well the base follows the prompt.
+    t0 = time.perf_counter()
+    truth = heldout_images(len(prompts), cascade.stages[0].resolution)
+    from_truth = cascade.sample(prompts, seed, lowres=truth, start=1, progress=progress)
+    sr_from_truth, _ = score_stages(from_truth.images, prompts)
+    timings["sample_sr_from_truth_s"] = time.perf_counter() - t0
+
     summaries, per_image = score_stages(result.images, result.prompts)
     names = [f"{s.name} {s.resolution}px" for s in cascade.stages]
     timings["total_s"] = time.perf_counter() - t_start
-    write_report(out, result, names, summaries, per_image, timings)
+    write_report(out, result, names, summaries, per_image, timings, sr_from_truth)
     _log("prompt adherence on heldout prompts (exact match = every attribute right):")
     for name, s in zip(names, summaries):
         _log(f"  {name:>12}: exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
              f"shape {s['shape']:.1%}  size {s['size']:.1%}  position {s['position']:.1%}  "
              f"relation {s['relation']:.1%}")
+    _log(f"super-resolution stages on the ground-truth {names[0].split()[-1]} images:")
+    for name, s in zip(names[1:], sr_from_truth):
+        _log(f"  {name:>12}: exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
+             f"shape {s['shape']:.1%}  size {s['size']:.1%}")
     _log(f"wrote {out}/grid.png, {out}/index.html, {out}/results.json; "
          f"total {timings['total_s']:.0f}s")
-    return {"scores": summaries, "timings": timings, "result": result}
+    return {"scores": summaries, "sr_from_ground_truth": sr_from_truth, "timings": timings,
+            "result": result}
 
 
 _GIN_BINDINGS: list[str] = []

@@ -31,9 +31,12 @@ def test_miniature_demo_trains_samples_scores_and_reuses_checkpoints(tmp_path):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert [s["num_images"] for s in results["scores"]] == [4, 4, 4]
+    # The SR stages are also scored alone, on the ground-truth base-resolution images.
+    assert [s["num_images"] for s in results["sr_from_ground_truth"]] == [4, 4]
     assert len(results["prompts"]) == 4
     html = (out / "index.html").read_text()
     assert html.count("<tr>") == 5 and results["prompts"][0].split()[0] in html
+    assert "ground-truth 32px" in html
     assert [x.shape for x in first["result"].images] == [(4, 32, 32, 3), (4, 128, 128, 3),
                                                          (4, 512, 512, 3)]
     assert all(first["timings"][f"train_{n}_s"] > 0 for n in demo.STAGES)
@@ -46,3 +49,5 @@ def test_miniature_demo_trains_samples_scores_and_reuses_checkpoints(tmp_path):
     # Same checkpoints, prompts and seed: the same images.
     for a, b in zip(first["result"].images, second["result"].images):
         assert (a == b).all()
+    for a, b in zip(first["sr_from_ground_truth"], second["sr_from_ground_truth"]):
+        assert a["exact_match"] == b["exact_match"] and a["colour"] == b["colour"]
