@@ -76,6 +76,26 @@ def encode(encoder: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
             np.concatenate([np.asarray(m) for _, m in parts]))
 
 
+def adam_with_ema(learning_rate: float, ema_decay: float) -> tuple[Any, Any]:
+    """The probes' optimiser: (optax Adam with a 50-step warm-up and clipping, ``update``).
+
+    ``update(grads, params, opt_state, ema, step) -> (params, opt_state, ema)`` applies Adam and
+    the trainer's EMA with its warm-up (``ema_decay_at``).
+    """
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adam(optax.linear_schedule(0.0, learning_rate, 50)))
+    ema_config = StepConfig(ema_decay=ema_decay)
+
+    def update(grads, params, opt_state, ema, step):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        decay = ema_decay_at(step, ema_config)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+        return params, opt_state, ema
+
+    return optimizer, update
+
+
 def main() -> None:
     a = parse_args()
     print(json.dumps(vars(a)), flush=True)
@@ -104,10 +124,8 @@ def main() -> None:
     x0_all = jnp.asarray(images, jnp.float32) / 127.5 - 1.0  # [N, R, R, 3]
     params = jax.jit(lambda k: nn.meta.unbox(model.init(
         k, x0_all[:2], jnp.zeros(2), embeds[:2], masks[:2]))["params"])(jax.random.key(0))
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adam(optax.linear_schedule(0.0, a.learning_rate, 50)))
+    optimizer, update = adam_with_ema(a.learning_rate, a.ema_decay)
     opt_state, ema = optimizer.init(params), params
-    ema_config = StepConfig(ema_decay=a.ema_decay)
 
     @jax.jit
     def train_step(params, opt_state, ema, key, step):
@@ -126,11 +144,7 @@ def main() -> None:
                                                        a.weighting))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        decay = ema_decay_at(step, ema_config)  # the trainer's EMA warm-up
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-        return params, opt_state, ema, loss
+        return (*update(grads, params, opt_state, ema, step), loss)
 
     @jax.jit
     def sample(params, text, mask, key):

@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from PIL import Image
 
 from imagen_jax import diffusion
@@ -31,8 +30,8 @@ from imagen_jax.eval import shapes_score
 from imagen_jax.nn.presets import tiny_sr
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
-from imagen_jax.train.step import StepConfig, ema_decay_at, random_aligned_crop
-from tools.demo_base_probe import encode
+from imagen_jax.train.step import random_aligned_crop
+from tools.demo_base_probe import adam_with_ema, encode
 
 SCORES = ("exact_match", "colour", "shape", "size", "position", "relation", "count")
 
@@ -92,10 +91,8 @@ def main() -> None:
         k, to_float(hi_u8[:2, :c, :c]), jnp.zeros(2), embeds[:2], masks[:2],
         lowres=to_float(lo_u8[:2, :lc, :lc]), aug_level=jnp.zeros(2)))["params"])(
         jax.random.key(0))
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adam(optax.linear_schedule(0.0, a.learning_rate, 50)))
+    optimizer, update = adam_with_ema(a.learning_rate, a.ema_decay)
     opt_state, ema = optimizer.init(params), params
-    ema_config = StepConfig(ema_decay=a.ema_decay)
 
     @jax.jit
     def train_step(params, opt_state, ema, key, step):
@@ -115,11 +112,7 @@ def main() -> None:
                                                        a.prediction))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        decay = ema_decay_at(step, ema_config)
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-        return params, opt_state, ema, loss
+        return (*update(grads, params, opt_state, ema, step), loss)
 
     @functools.partial(jax.jit, static_argnums=(2, 3))
     def upsample(params, key, aug_level, num_steps):
