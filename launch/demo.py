@@ -178,16 +178,14 @@ def score_stages(images: Sequence[Any], prompts: Sequence[str]) -> tuple[list[di
     """Adherence of every stage's images: (summary per stage, per-image results per stage)."""
     from imagen_jax.eval import shapes_score
 
-    summaries, per_image = [], []
-    for stage_images in images:
-        summaries.append(shapes_score.score(stage_images, prompts))
-        per_image.append([shapes_score.score_image(im, p) for im, p in zip(stage_images, prompts)])
-    return summaries, per_image
+    per_image = [[shapes_score.score_image(im, p) for im, p in zip(stage_images, prompts)]
+                 for stage_images in images]
+    return [shapes_score.summarize(results) for results in per_image], per_image
 
 
 def write_report(out: str, result: Any, names: Sequence[str], summaries: list[dict],
                  per_image: list[list], timings: dict[str, float],
-                 sr_from_truth: list[dict]) -> None:
+                 sr_from_truth: list[dict], truth_resolution: int) -> None:
     """grid.png (final images), index.html (prompt | stage images | score), results.json."""
     import base64
     import io
@@ -239,7 +237,7 @@ td.bad{{color:#c00}} img{{image-rendering:pixelated}} td,th{{padding:4px}}</styl
 <p>Tiny three-stage cascade trained from scratch on the procedural shapes dataset with a random
 T5. Heldout prompts combine colours and shapes never paired in training. Scores from
 <code>imagen_jax.eval.shapes_score</code>.</p><ul>{summary}</ul>
-<p>The super-resolution stages alone, fed the ground-truth {names[0].split()[-1]} images of the
+<p>The super-resolution stages alone, fed the ground-truth {truth_resolution}px images of the
 same prompts (do they keep the content?):</p><ul>{truth}</ul>
 <p>Timings (s): {html.escape(json.dumps({k: round(v, 1) for k, v in timings.items()}))}</p>
 <table><tr><th>prompt</th>{head}{score_head}<th>wrong at final resolution</th></tr>
@@ -256,7 +254,8 @@ same prompts (do they keep the content?):</p><ul>{truth}</ul>
 def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_512: int = 2000,
         steps: Sequence[int] | None = None, bindings: Sequence[str] = (), seed: int = 0,
         retrain: bool = False, progress: bool = True) -> dict[str, Any]:
-    """The whole demo; returns {'scores': per-stage summaries, 'timings': seconds}."""
+    """The whole demo; returns {'scores': per-stage summaries, 'sr_from_ground_truth': summaries
+    of the SR stages fed the ground truth, 'timings': seconds, 'result': the CascadeOutput}."""
     from imagen_jax import cascade as cascade_lib
     from imagen_jax import partitioning
 
@@ -296,7 +295,8 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
     # The SR stages on the ground truth at the base resolution: whether they keep the content,
     # apart from how well the base follows the prompt.
     t0 = time.perf_counter()
-    truth = heldout_images(len(prompts), cascade.stages[0].resolution)
+    base_resolution = cascade.stages[0].resolution
+    truth = heldout_images(len(prompts), base_resolution)
     from_truth = cascade.sample(prompts, seed, lowres=truth, start=1, progress=progress)
     sr_from_truth, _ = score_stages(from_truth.images, prompts)
     timings["sample_sr_from_truth_s"] = time.perf_counter() - t0
@@ -304,13 +304,14 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
     summaries, per_image = score_stages(result.images, result.prompts)
     names = [f"{s.name} {s.resolution}px" for s in cascade.stages]
     timings["total_s"] = time.perf_counter() - t_start
-    write_report(out, result, names, summaries, per_image, timings, sr_from_truth)
+    write_report(out, result, names, summaries, per_image, timings, sr_from_truth,
+                 base_resolution)
     _log("prompt adherence on heldout prompts (exact match = every attribute right):")
     for name, s in zip(names, summaries):
         _log(f"  {name:>12}: exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
              f"shape {s['shape']:.1%}  size {s['size']:.1%}  position {s['position']:.1%}  "
              f"relation {s['relation']:.1%}")
-    _log(f"super-resolution stages on the ground-truth {names[0].split()[-1]} images:")
+    _log(f"super-resolution stages on the ground-truth {base_resolution}px images:")
     for name, s in zip(names[1:], sr_from_truth):
         _log(f"  {name:>12}: exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
              f"shape {s['shape']:.1%}  size {s['size']:.1%}")

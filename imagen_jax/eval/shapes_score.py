@@ -17,7 +17,8 @@ grammar (``imagen_jax.data.shapes.parse_caption``); the image is checked with no
      between the two objects' centres.
 
 Public API: ``score(images, captions) -> dict`` (per-attribute and exact-match accuracy),
-``score_image(image, caption) -> ImageScore`` (one image, with predictions), ``parse_caption``.
+``score_image(image, caption) -> ImageScore`` (one image, with predictions), ``summarize(image
+scores) -> dict`` (the same accuracies from ``score_image`` results), ``parse_caption``.
 Images are uint8 [N, H, W, 3] or float in [-1, 1] (the model convention), square.
 """
 
@@ -42,6 +43,7 @@ __all__ = [
     "parse_caption",
     "score",
     "score_image",
+    "summarize",
 ]
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "background", "count")
@@ -287,13 +289,18 @@ def score(
         raise ValueError(f"got {len(images)} images but {len(captions)} captions")
     if len(images) == 0:
         raise ValueError("score needs at least one image")
+    return summarize([score_image(image, caption, cfg) for image, caption in zip(images, captions)])
+
+
+def summarize(results: Sequence[ImageScore]) -> dict[str, Any]:
+    """The accuracies of `score` from per-image verdicts (``score_image`` results)."""
+    if not results:
+        raise ValueError("summarize needs at least one ImageScore")
     totals = {a: [] for a in ATTRIBUTES}
-    exact = []
-    for image, caption in zip(images, captions):
-        result = score_image(image, caption, cfg)
-        exact.append(result.exact)
+    for result in results:
         for a in ATTRIBUTES:
             totals[a].extend(result.checks[a])
+    exact = [r.exact for r in results]
     out: dict[str, Any] = {"exact_match": float(np.mean(exact)), "num_images": len(exact)}
     for a in ATTRIBUTES:
         out[a] = float(np.mean(totals[a])) if totals[a] else float("nan")
