@@ -49,8 +49,11 @@ setup(
     version="0.1.0",
     description="Imagen cascaded text-to-image diffusion in JAX/Flax",
     python_requires=">=3.10",
-    packages=find_packages(include=["imagen_jax", "imagen_jax.*", "launch"]),
-    package_data={"imagen_jax": ["assets/*", "assets/**/*"], "": ["*.gin"]},
+    # imagen_jax/assets (the DrawBench prompts) is a data-only package: listed explicitly, since
+    # find_packages skips folders without __init__.py and setuptools warns about ambiguous data.
+    packages=find_packages(include=["imagen_jax", "imagen_jax.*", "launch"])
+    + ["imagen_jax.assets"],
+    package_data={"imagen_jax.assets": ["*.csv", "*.md"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require={"data": DATA, "test": TEST + DATA, "bench": REFERENCES + DATA},
