@@ -32,7 +32,8 @@ from imagen_jax.eval import shapes_score
 from imagen_jax.nn import BaseUNet
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
-from imagen_jax.train.step import StepConfig, ema_decay_at
+from imagen_jax.train.step import StepConfig, ema_decay_at, ema_update
+from launch.demo import heldout_prompts
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -89,8 +90,7 @@ def adam_with_ema(learning_rate: float, ema_decay: float) -> tuple[Any, Any]:
     def update(grads, params, opt_state, ema, step):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        decay = ema_decay_at(step, ema_config)
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+        ema = ema_update(ema, params, ema_decay_at(step, ema_config))
         return params, opt_state, ema
 
     return optimizer, update
@@ -108,8 +108,7 @@ def main() -> None:
         write_random_t5(t5_dir, texts=captions[:4000], vocab_size=512)
     encoder = load_t5(t5_dir, max_length=a.text_length)
     embeds, masks = (jnp.asarray(v) for v in encode(encoder, captions))
-    eval_sets = {"heldout": [shapes.sample_scene("heldout", i).caption
-                             for i in range(a.num_eval)]}
+    eval_sets = {"heldout": heldout_prompts(a.num_eval)}
     if a.eval_train:
         eval_sets["train"] = captions[:a.num_eval]
     eval_text = {k: encode(encoder, v) for k, v in eval_sets.items()}

@@ -31,6 +31,7 @@ from imagen_jax.nn.presets import tiny_sr
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
 from imagen_jax.train.step import random_aligned_crop
+from launch.demo import heldout_images, heldout_prompts
 from tools.demo_base_probe import adam_with_ema, encode
 
 SCORES = ("exact_match", "colour", "shape", "size", "position", "relation", "count")
@@ -72,10 +73,9 @@ def main() -> None:
         write_random_t5(t5_dir, texts=captions, vocab_size=512)
     encoder = load_t5(t5_dir, max_length=a.text_length)
     embeds, masks = (jnp.asarray(v) for v in encode(encoder, captions))
-    prompts = [shapes.sample_scene("heldout", i).caption for i in range(a.num_eval)]
+    prompts = heldout_prompts(a.num_eval)
     eval_embeds, eval_masks = (jnp.asarray(v) for v in encode(encoder, prompts))
-    truth = np.stack([shapes.example("heldout", i, low_res)["image"] for i in range(a.num_eval)])
-    truth = jnp.asarray(truth, jnp.float32) / 127.5 - 1.0
+    truth = jnp.asarray(heldout_images(a.num_eval, low_res), jnp.float32) / 127.5 - 1.0
     hi_u8, lo_u8 = jnp.asarray(hi), jnp.asarray(lo)
 
     def to_float(u8: jax.Array) -> jax.Array:

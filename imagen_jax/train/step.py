@@ -60,6 +60,11 @@ def ema_decay_at(num_updates: jax.Array, config: StepConfig) -> jax.Array:
     return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
+def ema_update(ema_params: Any, params: Any, decay: jax.Array) -> Any:
+    """One EMA step over a parameter pytree: ``decay * ema + (1 - decay) * params``."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
 def random_aligned_crop(
     rng: jax.Array, image: jax.Array, lowres: jax.Array, crop: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -231,9 +236,7 @@ def make_train_step(
         new_params = optax.apply_updates(state.params, updates)
         num_updates = state.step - state.skipped_steps  # updates applied before this one
         decay = ema_decay_at(num_updates, config)
-        new_ema = jax.tree.map(
-            lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params
-        )
+        new_ema = ema_update(state.ema_params, new_params, decay)
 
         def pick(new, old):
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
