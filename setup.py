@@ -38,6 +38,7 @@ REFERENCES = [
 TEST = REFERENCES + [
     "pytest>=8.0",
     "pytest-xdist>=3.5",
+    "pytest-timeout>=2.3",  # per-test time limit, so one hung test cannot eat CI's 90 minutes
     "ruff>=0.6",
     "nbclient>=0.10",
     "nbformat>=5.10",
