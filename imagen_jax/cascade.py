@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +50,20 @@ class CascadeError(ValueError):
     """A cascade that cannot be assembled or run; the message names the problem and the fix."""
 
 
+def validate_sampling(
+    settings: dict[str, Any], *, where: str = "", names: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """``imagen_jax.diffusion.check_sampling_settings`` (the one definition of valid sampler
+    settings) raising ``CascadeError``: finite, in range, whole step counts; returns the
+    normalised settings."""
+    from imagen_jax.diffusion.settings import check_sampling_settings
+
+    try:
+        return check_sampling_settings(settings, where=where, names=names)
+    except (TypeError, ValueError) as e:
+        raise CascadeError(str(e)) from None
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -58,6 +73,10 @@ class SamplingConfig:
     p = 99.5 (Section 2.3, Fig. A.10); guidance weight 1 (= no guidance, paper convention; the
     paper's COCO numbers use 1.35 for the base and 8.0 for SR, Appendix E/F); ``aug_level`` 0 for SR
     stages (Section 2.5: 0 gives the best FID, 0.1-0.3 the best-looking samples).
+
+    Every field is validated here (``validate_sampling``): a NaN/Inf or out-of-range value, or a
+    fractional ``num_steps``, raises ``CascadeError`` naming the field and its valid range; a
+    whole float step count (3.0) is stored as the int 3.
     """
 
     sampler: str = "ddpm"
@@ -68,22 +87,9 @@ class SamplingConfig:
     aug_level: float = 0.0
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise CascadeError(f"sampler {self.sampler!r} unknown; choose one of {SAMPLERS}")
-        if self.thresholding not in THRESHOLDINGS:
-            raise CascadeError(
-                f"thresholding {self.thresholding!r} unknown; choose one of {THRESHOLDINGS}"
-            )
-        if int(self.num_steps) < 1:
-            raise CascadeError(f"num_steps must be >= 1, got {self.num_steps}")
-        if not 0.0 <= float(self.aug_level) <= 1.0:
-            raise CascadeError(f"aug_level must lie in [0, 1], got {self.aug_level}")
-        if float(self.guidance_weight) < 0.0:
-            raise CascadeError(
-                f"guidance_weight must be >= 0 (1 = no guidance), got {self.guidance_weight}"
-            )
-        if not 0.0 < float(self.percentile) <= 100.0:
-            raise CascadeError(f"percentile must lie in (0, 100], got {self.percentile}")
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in validate_sampling(settings, where="SamplingConfig.").items():
+            object.__setattr__(self, name, value)  # frozen: store the normalised value
 
 
 @gin.configurable
@@ -99,7 +105,7 @@ def sampling_overrides(
 
     Bind unscoped (``sampling_overrides.num_steps = 25``) for every stage, or in the scope
     ``stage0``, ``stage1`` ... for one stage (``stage1/sampling_overrides.aug_level = 0.2``); the
-    scoped binding wins.
+    scoped binding wins. The set values are validated like ``SamplingConfig`` (``CascadeError``).
     """
     values = dict(
         sampler=sampler,
@@ -109,15 +115,23 @@ def sampling_overrides(
         percentile=percentile,
         aug_level=aug_level,
     )
-    return {k: v for k, v in values.items() if v is not None}
+    values = {k: v for k, v in values.items() if v is not None}
+    return validate_sampling(values, where="sampling_overrides.")
 
 
 def gin_sampling_overrides(num_stages: int) -> list[dict[str, Any]]:
-    """Reads ``sampling_overrides`` once per stage, under the gin scope ``stage{i}``."""
+    """Reads ``sampling_overrides`` once per stage, under the gin scope ``stage{i}``.
+
+    Raises ``CascadeError`` (one line, naming the stage) for an invalid bound value.
+    """
     out = []
     for i in range(num_stages):
         with gin.config_scope(f"stage{i}"):
-            out.append(sampling_overrides())
+            try:
+                out.append(sampling_overrides())
+            except CascadeError as e:
+                # gin appends "In call to configurable ..." lines; the launchers print one line.
+                raise CascadeError(f"stage {i}: {str(e).splitlines()[0]}") from None
     return out
 
 
@@ -127,7 +141,10 @@ class CascadeStage:
 
     ``model`` follows the U-Net contract of DESIGN.md:
     ``model.apply(variables, x, t, text_embeds, text_mask, lowres=None, aug_level=None)``.
-    ``lowres_resolution`` is None for the base stage.
+    ``lowres_resolution`` is None for the base stage. ``train_aug_max`` is the top of the
+    noise-augmentation range an SR stage was trained with (levels ~ U(0, train_aug_max)); a
+    ``sampling.aug_level`` above it draws a warning (the model never saw such noisy inputs).
+    None (unknown) checks nothing.
     """
 
     model: nn.Module
@@ -141,12 +158,24 @@ class CascadeStage:
     text_length: int | None = None
     aug_schedule: Any = None  # schedule of the noise augmentation; None = ``schedule``
     name: str = ""
+    train_aug_max: float | None = None
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise CascadeError(
                 f"stage {self.name!r}: prediction {self.prediction!r} unknown; choose one of "
                 f"{PREDICTIONS}"
+            )
+        aug, trained = self.sampling.aug_level, self.train_aug_max
+        if self.is_sr and trained is not None and aug > trained:
+            # stacklevel 2 is the dataclass __init__: one fixed location, so Python's default
+            # filter shows the warning once however often the stage is copied (replace, ...).
+            warnings.warn(
+                f"stage {self.name!r} is sampled at aug_level={aug:g}, above the range "
+                f"[0, {trained:g}] it was trained with (Stage.train_aug_max): it never saw such "
+                f"noisy low-res inputs; expect artefacts, or use aug_level <= {trained:g}",
+                UserWarning,
+                stacklevel=2,
             )
 
     @property
@@ -176,13 +205,16 @@ class CascadeStage:
             text_length=stage.text_length,
             aug_schedule=stage.get_aug_schedule() if stage.is_super_res else None,
             name=name,
+            train_aug_max=stage.train_aug_max if stage.is_super_res else None,
         )
 
     def replace(self, **changes: Any) -> CascadeStage:
         return dataclasses.replace(self, **changes)
 
     def with_sampling(self, **overrides: Any) -> CascadeStage:
-        """A copy with some sampler settings changed (validated)."""
+        """A copy with some sampler settings changed (validated: ``CascadeError``)."""
+        where = f"stage {self.name!r}: " if self.name else ""
+        overrides = validate_sampling(overrides, where=where)  # also refuses unknown names
         return dataclasses.replace(self, sampling=dataclasses.replace(self.sampling, **overrides))
 
 
@@ -283,12 +315,17 @@ def sample_stage(
     rng: jax.Array,
     lowres: jax.Array | None = None,
     on_step: Callable[[jax.Array], None] | None = None,
-) -> jax.Array:
+    return_finite: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Samples one stage: float32 [B, R, R, 3] in [-1, 1].
 
     For an SR stage ``lowres`` float32 [B, r, r, 3] is the clean previous-stage output; it is
     noise-augmented here at ``stage.sampling.aug_level`` (Section 2.5) and the level is passed to
     the model, which resizes the low-res input itself (DESIGN.md).
+
+    With ``return_finite`` also returns bool [B]: whether each image came out of the sampler
+    finite (checked before the final clip, which would turn +-Inf into +-1). A False means the
+    stage's parameters (or inputs) are broken; NaN images would otherwise become black PNGs.
     """
     from imagen_jax.diffusion import noise_augment, sample
 
@@ -315,9 +352,14 @@ def sample_stage(
         thresholding=cfg.thresholding,
         percentile=float(cfg.percentile),
     )
+    images = images.astype(jnp.float32)
     # The sampler's last x0 may overshoot slightly without thresholding; SR stages and PNGs
     # expect [-1, 1].
-    return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+    clipped = jnp.clip(images, -1.0, 1.0)
+    if return_finite:
+        # A per-image reduction, local to each batch shard: no communication, no host trip.
+        return clipped, jnp.all(jnp.isfinite(images), axis=(1, 2, 3))
+    return clipped
 
 
 def sample_cascade(
@@ -330,19 +372,21 @@ def sample_cascade(
     *,
     first_stage_index: int = 0,
     on_step: Callable[[int, jax.Array], None] | None = None,
-) -> tuple[jax.Array, ...]:
+    return_finite: bool = False,
+) -> tuple[jax.Array, ...] | tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """Runs ``stages`` in order; returns every stage's images (float32 [B, R_i, R_i, 3]).
 
     Pure and traceable. ``lowres`` is required when ``stages[0]`` is an SR stage.
     ``first_stage_index`` is the position of ``stages[0]`` in the full cascade: stage i draws
-    its randomness from ``fold_in(rng, i)`` whichever slice runs it.
+    its randomness from ``fold_in(rng, i)`` whichever slice runs it. With ``return_finite``
+    returns (images, finite) where finite[i] is stage i's bool [B] (see ``sample_stage``).
     """
-    outputs = []
+    outputs, finite = [], []
     images = lowres
     for i, (stage, stage_params) in enumerate(zip(stages, params)):
         index = first_stage_index + i
         step_cb = None if on_step is None else (lambda t, index=index: on_step(index, t))
-        images = sample_stage(
+        images, ok = sample_stage(
             stage,
             stage_params,
             text_embeds,
@@ -350,23 +394,55 @@ def sample_cascade(
             jax.random.fold_in(rng, index),
             lowres=images if stage.is_sr else None,
             on_step=step_cb,
+            return_finite=True,
         )
         outputs.append(images)
+        finite.append(ok)
+    if return_finite:
+        return tuple(outputs), tuple(finite)
     return tuple(outputs)
 
 
+def _non_finite_images(x: np.ndarray) -> list[int]:
+    """Indices (leading axis) of the images in ``x`` holding a NaN or Inf."""
+    if x.size == 0:
+        return []
+    flat = x.reshape(len(x), -1) if x.ndim > 1 else x.reshape(-1, 1)
+    return [int(i) for i in np.flatnonzero(~np.isfinite(flat).all(axis=1))]
+
+
 def to_uint8(images: np.ndarray | jax.Array) -> np.ndarray:
-    """float [-1, 1] -> uint8 [0, 255] (round to nearest)."""
+    """float [-1, 1] [N, ...] -> uint8 [0, 255] (round to nearest).
+
+    Raises ``CascadeError`` if any value is NaN/Inf: numpy would cast NaN to 0, a black pixel.
+    """
     x = np.asarray(images, np.float32)
+    bad = _non_finite_images(x)
+    if bad:
+        raise CascadeError(
+            f"images {bad[:8]} hold NaN/Inf values; refusing to turn them into black pixels"
+        )
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def from_uint8(images: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] (or float already in [-1, 1]) -> float32 [-1, 1]."""
+    """uint8 [0, 255] (or float already in [-1, 1]) [N, r, r, 3] -> float32 [-1, 1].
+
+    Raises ``CascadeError`` for float images outside [-1, 1] or holding NaN/Inf (naming the
+    image's index): such inputs would make every output pixel NaN.
+    """
     x = np.asarray(images)
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 127.5 - 1.0
     x = x.astype(np.float32)
+    bad = _non_finite_images(x)
+    if bad:
+        count = int((~np.isfinite(x[bad[0]])).sum())
+        raise CascadeError(
+            f"low-resolution image {bad[0]} (of {len(x)}) holds {count} NaN/Inf value(s)"
+            + (f", and images {bad[1:8]} hold more" if len(bad) > 1 else "")
+            + "; pass finite pixels (uint8 [0, 255] or float [-1, 1])"
+        )
     if x.size and (x.min() < -1.001 or x.max() > 1.001):
         raise CascadeError(
             "float low-resolution images must lie in [-1, 1]; pass uint8 [0, 255] or rescale"
@@ -544,7 +620,9 @@ class Cascade:
         Signature: ``fn(params, text_params, text, text_mask, rng, lowres)`` where ``text`` is
         int32 token ids [B, L] when ``encode`` (T5 runs inside the program) else float
         embeddings [B, L, D]; ``text_params`` is None without encoding; ``lowres`` is None unless
-        ``stages[start]`` is an SR stage. Returns each stage's float images.
+        ``stages[start]`` is an SR stage. Returns each stage's float images [B, R_i, R_i, 3],
+        then each stage's bool [B] "this image came out finite" (``sample_stage``), all sharded
+        over the batch: ``Cascade.sample`` checks the flags on the host.
         """
         start, stop = self._slice(start, stop)
         key = self._program_key(start, stop, encode, progress)
@@ -572,7 +650,7 @@ class Cascade:
             )
             if lowres is not None:
                 lowres = jax.lax.with_sharding_constraint(lowres, batch_spec(mesh, 4))
-            outs = sample_cascade(
+            outs, finite = sample_cascade(
                 stages,
                 params,
                 embeds,
@@ -581,10 +659,14 @@ class Cascade:
                 lowres,
                 first_stage_index=start,
                 on_step=on_step if progress else None,
+                return_finite=True,
             )
-            return tuple(jax.lax.with_sharding_constraint(o, batch_spec(mesh, 4)) for o in outs)
+            images = tuple(jax.lax.with_sharding_constraint(o, batch_spec(mesh, 4)) for o in outs)
+            return images + tuple(finite)
 
-        out_shardings = tuple(batch_spec(mesh, 4) for _ in stages)
+        out_shardings = tuple(batch_spec(mesh, 4) for _ in stages) + tuple(
+            batch_spec(mesh, 1) for _ in stages
+        )
         fn = jax.jit(cascade_fn, out_shardings=out_shardings)
         self._programs[key] = fn
         return fn
@@ -711,6 +793,12 @@ class Cascade:
                     f"text_embeds have dimension {text.shape[-1]} but the stages expect "
                     f"{self.embed_dim}"
                 )
+            bad = _non_finite_images(text)
+            if bad:
+                raise CascadeError(
+                    f"text_embeds of prompt {bad[0]} (of {len(text)}) hold NaN/Inf values; pass "
+                    "finite embeddings"
+                )
             n = text.shape[0]
             prompts = [f"<embedding {i}>" for i in range(n)]
         low = self._check_lowres(lowres, start, n)
@@ -729,6 +817,8 @@ class Cascade:
         text_params = self._text_params if encode else None
         shard = partitioning.batch_sharding
         outs: list[list[np.ndarray]] = []
+        num_stages = stop - start
+        tracker = self._progress.get(self._program_key(start, stop, encode, progress))
         t0 = time.perf_counter()
         for k, lo in enumerate(range(0, total, chunk)):
             hi = min(lo + chunk, total)
@@ -743,9 +833,16 @@ class Cascade:
             )
             with _mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
                 result = compiled(self.params[start:stop], text_params, *args, rng, chunk_low)
-            outs.append([np.asarray(o)[: hi - lo] for o in jax.block_until_ready(result)])
+            result = [np.asarray(o)[: hi - lo] for o in jax.block_until_ready(result)]
+            try:
+                self._check_finite(result[num_stages:], start, lo, seed)
+            except CascadeError:
+                if tracker is not None:
+                    tracker.close()
+                    tracker.reset()
+                raise
+            outs.append(result[:num_stages])
         timings["sample_s"] = time.perf_counter() - t0
-        tracker = self._progress.get(self._program_key(start, stop, encode, progress))
         if tracker is not None:
             tracker.close()
             timings.update(tracker.stage_seconds())
@@ -758,6 +855,24 @@ class Cascade:
             seed=seed,
             timings=timings,
         )
+
+    def _check_finite(self, finite: Sequence[np.ndarray], start: int, offset: int,
+                      seed: int) -> None:
+        """Raises ``CascadeError`` naming the first stage whose images came out NaN/Inf.
+
+        ``finite[i]`` is stage ``start + i``'s bool [b] from the compiled program; ``offset`` is
+        the index of the chunk's first image. Later stages inherit a NaN, so the first is named.
+        """
+        for i, ok in enumerate(finite):
+            bad = np.flatnonzero(~np.asarray(ok, bool))
+            if bad.size:
+                stage = self.stages[start + i]
+                raise CascadeError(
+                    f"stage {start + i} ({stage.name or 'unnamed'}) produced NaN/Inf pixels in "
+                    f"{bad.size} of {len(ok)} images (first: image {offset + int(bad[0])}, seed "
+                    f"{seed}); its parameters have probably diverged or hold NaN: sample an "
+                    "earlier checkpoint of that stage. No images were returned."
+                )
 
     def _check_lowres(self, lowres: np.ndarray | None, start: int, n: int) -> np.ndarray | None:
         first = self.stages[start]
@@ -963,7 +1078,9 @@ def load_stage(
         )
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-        step = ckpt.latest_step() if step is None else step
+        # The newest COMPLETE step (incomplete ones are skipped with a warning); without an
+        # explicit step, restore_params falls back past one whose arrays cannot be read.
+        requested, step = step, ckpt.latest_step() if step is None else step
         if step is None:
             raise CascadeError(
                 f"stage directory {workdir!r} holds no complete checkpoint; train it first "
@@ -981,7 +1098,7 @@ def load_stage(
             shardings,
         )
         try:
-            params = ckpt.restore_params(abstract, step)
+            params = ckpt.restore_params(abstract, requested)
         except ValueError as e:
             raise CascadeError(f"stage {workdir!r}: {e}") from e
     finally:

@@ -62,16 +62,20 @@ def parse(
     for path in [*search_paths, os.getcwd(), REPO_ROOT, GIN_CONFIG_DIR]:
         if path not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - gin has no getter
             gin.add_config_file_search_path(path)
+    resolved = []
     for f in gin_files:
-        if not any(
-            os.path.exists(os.path.join(p, f)) for p in ["", *gin.config._LOCATION_PREFIXES]  # noqa: SLF001
-        ):
+        found = [os.path.join(p, f) for p in ["", *gin.config._LOCATION_PREFIXES]  # noqa: SLF001
+                 if os.path.exists(os.path.join(p, f))]
+        if not found:
             raise GinConfigError(
                 f"gin file {f!r} not found (searched the current directory, {REPO_ROOT} and "
                 f"{GIN_CONFIG_DIR}); pass an existing path or add --gin_search_paths"
             )
+        # Absolute: gin would otherwise try `gin_configs/...` as a Python package resource, which
+        # fails with a TypeError outside the repo root (`gin_configs` is a namespace package).
+        resolved.append(os.path.abspath(found[0]))
     try:
-        gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
     except (ValueError, KeyError, SyntaxError, NameError) as e:
         raise GinConfigError(
             f"bad gin configuration: {e}\nCheck the binding's spelling against the "

@@ -14,7 +14,9 @@ Metrics: CLIP score with ``--clip_weights``, FID with ``--inception_weights`` + 
 without weights the default metric is shapes adherence (``imagen_jax.eval.shapes_score``), which
 needs none. Every run is resumable: rerun the same command after a preemption.
 Sampler settings: ``--num_steps``/``--sampler`` override every stage; anything else through
-``--gin.stage1/sampling_overrides.aug_level=0.2`` style bindings.
+``--gin.stage1/sampling_overrides.aug_level=0.2`` style bindings. Settings are validated before
+anything is loaded; bad input (an invalid or NaN/Inf setting, a reference image holding NaN/Inf,
+a stage that samples NaN) ends the run with one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -85,10 +87,43 @@ def load_factory(spec: str) -> Callable[..., Callable]:
 
 
 def build_cascade(stage_dirs: Sequence[str], t5: str | None):
-    """The cascade of ``imagen_jax.cascade`` from checkpoint directories (EMA params)."""
+    """The cascade of ``imagen_jax.cascade`` from checkpoint directories (EMA params), with the
+    ``--gin`` ``sampling_overrides`` bindings applied (read before loading clears gin)."""
     from imagen_jax import cascade as cascade_lib
 
-    return cascade_lib.load_cascade(list(stage_dirs), t5=t5)
+    overrides = cascade_lib.gin_sampling_overrides(len(stage_dirs))
+    return cascade_lib.load_cascade(list(stage_dirs), t5=t5, overrides=overrides)
+
+
+def guidance_flags() -> list[float]:
+    """``--guidance`` as floats, after checking every sampler flag (``--num_steps``,
+    ``--sampler``, ``--guidance``) with the cascade's one validation, before anything loads.
+
+    Raises ``CascadeError`` naming the flag and its valid range (NaN/Inf, 2.7 steps, ...).
+    """
+    from imagen_jax.cascade import CascadeError, validate_sampling
+
+    flags_set = {"num_steps": FLAGS.num_steps, "sampler": FLAGS.sampler}
+    validate_sampling(
+        {k: v for k, v in flags_set.items() if v is not None},
+        names={"num_steps": "--num_steps", "sampler": "--sampler"},
+    )
+    weights = []
+    for value in FLAGS.guidance:
+        try:
+            w = float(value)
+        except ValueError:
+            raise CascadeError(
+                f"--guidance={value!r} is not a number; valid: a finite number >= 0"
+            ) from None
+        weights.append(
+            validate_sampling({"guidance_weight": w}, names={"guidance_weight": "--guidance"})[
+                "guidance_weight"
+            ]
+        )
+    if FLAGS.guidance_stage < 0:
+        raise CascadeError(f"--guidance_stage={FLAGS.guidance_stage} must be >= 0")
+    return weights
 
 
 def with_sampling(cascade, stage_index: int | None = None, **overrides):
@@ -119,6 +154,13 @@ def make_sample_fn_factory() -> Callable[[float | None], Callable]:
     if not FLAGS.stages:
         raise app.UsageError("give --stages (and --t5) or --sample_fn")
     cascade = build_cascade(FLAGS.stages, FLAGS.t5)
+    if FLAGS.guidance and FLAGS.guidance_stage >= len(cascade.stages):
+        from imagen_jax.cascade import CascadeError
+
+        raise CascadeError(
+            f"--guidance_stage={FLAGS.guidance_stage} but the cascade has "
+            f"{len(cascade.stages)} stages; valid: 0 to {len(cascade.stages) - 1}"
+        )
     cascade = with_sampling(cascade, None, num_steps=FLAGS.num_steps, sampler=FLAGS.sampler)
 
     def factory(guidance=None):
@@ -214,7 +256,7 @@ def run_drawbench_cmd() -> None:
         print(f"side-by-side rating page: {path}")
         return
     factory = make_sample_fn_factory()
-    guidance = float(FLAGS.guidance[0]) if FLAGS.guidance else None
+    guidance = guidance_flags()[0] if FLAGS.guidance else None
     settings = {
         "stages": FLAGS.stages,
         "t5": FLAGS.t5,
@@ -245,7 +287,13 @@ def run_fid_cmd() -> None:
     from imagen_jax.eval import fid
 
     factory = make_sample_fn_factory()
-    guidance = float(FLAGS.guidance[0]) if FLAGS.guidance else None
+    guidance = guidance_flags()[0] if FLAGS.guidance else None
+    extractor = ref = None
+    if FLAGS.inception_weights:
+        # Reference statistics first (cached): a bad reference image fails before hours of
+        # sampling, not after.
+        extractor = make_inception()
+        ref = reference_stats(extractor)
     prompts = load_eval_prompts(FLAGS.num_samples)
     store = fid.SampleStore(
         os.path.join(FLAGS.out, "samples"),
@@ -266,9 +314,7 @@ def run_fid_cmd() -> None:
         progress=lambda d, t: logging.info("fid: %d / %d samples", d, t),
     )
     result: dict = {"num_samples": FLAGS.num_samples, "guidance": guidance}
-    if FLAGS.inception_weights:
-        extractor = make_inception()
-        ref = reference_stats(extractor)
+    if extractor is not None:
         samples = store.stats(extractor, extractor=extractor.fingerprint)
         samples.save(os.path.join(FLAGS.out, "sample_stats.npz"))
         result["fid"] = fid.fid_from_stats(samples, ref)
@@ -284,7 +330,7 @@ def run_fid_cmd() -> None:
 def run_sweep_cmd() -> None:
     from imagen_jax.eval import sweep
 
-    guidances = [float(g) for g in FLAGS.guidance] or list(sweep.PAPER_BASE_GUIDANCE)
+    guidances = guidance_flags() or list(sweep.PAPER_BASE_GUIDANCE)
     factory = make_sample_fn_factory()
     prompts = load_eval_prompts(FLAGS.num_samples)
     extractor = make_inception() if FLAGS.inception_weights else None
@@ -317,10 +363,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl parsing after splitting out ``--gin.NAME=VALUE`` bindings (t5x style)."""
     from imagen_jax import gin_utils
 
-    rest, bindings = gin_utils.rewrite_flag_bindings(argv)
-    rest = FLAGS(rest)
-    if bindings or FLAGS.gin_file:
-        gin_utils.parse(FLAGS.gin_file, bindings)
+    try:
+        rest, bindings = gin_utils.rewrite_flag_bindings(argv)
+        rest = FLAGS(rest)
+        if bindings or FLAGS.gin_file:
+            gin_utils.parse(FLAGS.gin_file, bindings)
+    except gin_utils.GinConfigError as e:
+        raise sf.one_line_exit("launch.evaluate", e) from None
     return rest
 
 
@@ -331,8 +380,16 @@ def main(argv: Sequence[str]) -> None:
         )
     if not FLAGS.out:
         raise app.UsageError("--out=DIR is required")
-    os.makedirs(FLAGS.out, exist_ok=True)
-    {"drawbench": run_drawbench_cmd, "fid": run_fid_cmd, "sweep": run_sweep_cmd}[argv[1]]()
+    from imagen_jax.cascade import CascadeError
+    from imagen_jax.data.images import NonFiniteImageError
+    from imagen_jax.gin_utils import GinConfigError
+
+    try:
+        guidance_flags()  # every sampler flag checked before anything is loaded or written
+        os.makedirs(FLAGS.out, exist_ok=True)
+        {"drawbench": run_drawbench_cmd, "fid": run_fid_cmd, "sweep": run_sweep_cmd}[argv[1]]()
+    except (CascadeError, GinConfigError, NonFiniteImageError) as e:
+        raise sf.one_line_exit("launch.evaluate", e) from None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ r"""Samples a trained cascade: prompts in, PNGs + per-prompt grids + samples.jso
 trainer's workdirs (base first); each stage's architecture and sampler defaults come from the gin
 config saved with its checkpoint, ``--gin.`` bindings of ``sampling_overrides`` change them.
 ``--start=1`` with ``--lowres=a.png,b.png`` super-resolves your own images (one per prompt).
+
+Bad input (an invalid or NaN/Inf sampler setting, a low-res image holding NaN/Inf, a stage whose
+samples come out NaN) ends the run with one line on stderr and exit status 1; no image is written.
 """
 
 from __future__ import annotations
@@ -45,6 +48,29 @@ def read_prompts(value: str) -> list[str]:
             raise SystemExit(f"--prompts file {value!r} has no prompts")
         return prompts
     return [value]
+
+
+def read_lowres(paths: list[str]) -> np.ndarray:
+    """The ``--lowres`` images as uint8 [N, h, w, 3].
+
+    Raises ``CascadeError`` (one line, naming the file) for a missing or undecodable file,
+    images of different sizes, or a float image holding NaN/Inf (PIL would make those black).
+    """
+    from imagen_jax.cascade import CascadeError
+    from imagen_jax.data.images import NonFiniteImageError, read_rgb
+
+    images = []
+    for path in paths:
+        try:
+            images.append(read_rgb(path, f"--lowres image {path!r}"))
+        except NonFiniteImageError as e:
+            raise CascadeError(str(e)) from None
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
+            raise CascadeError(f"--lowres image {path!r} cannot be read: {e}") from None
+    sizes = sorted({im.shape for im in images})
+    if len(sizes) > 1:
+        raise CascadeError(f"--lowres images have different sizes {sizes}; pass one size")
+    return np.stack(images)
 
 
 def write_outputs(out_dir: str, result, *, settings: dict, num_per_prompt: int) -> dict:
@@ -111,7 +137,9 @@ def run(argv_bindings: list[str]) -> dict:
         # User bindings are read first (mesh, overrides), then each stage's saved config is
         # parsed in a clean gin state by the loader; overrides are plain dicts by then.
         gin_utils.parse(FLAGS.gin_file, argv_bindings, finalize=False)
-        overrides = cascade_lib.gin_sampling_overrides(len(stage_dirs))
+        overrides = cascade_lib.gin_sampling_overrides(len(stage_dirs))  # validated here
+        # Cheap input checks before the (slow) checkpoint and T5 loading.
+        lowres = read_lowres(FLAGS.lowres) if FLAGS.lowres else None
         from imagen_jax import partitioning
 
         mesh = partitioning.make_mesh()
@@ -120,19 +148,15 @@ def run(argv_bindings: list[str]) -> dict:
             stage_dirs, FLAGS.t5, mesh=mesh, rules=rules, overrides=overrides,
             max_batch=FLAGS.max_batch,
         )
-        lowres = None
-        if FLAGS.lowres:
-            from PIL import Image
-
-            lowres = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in FLAGS.lowres])
         load_s = time.perf_counter() - t0
         prompts = read_prompts(FLAGS.prompts)
+        # Refuses NaN/Inf inputs and stops, naming the stage, if a stage samples NaN/Inf.
         result = cascade.sample(
             prompts, FLAGS.seed, num_per_prompt=FLAGS.num_per_prompt or 1, lowres=lowres,
             start=FLAGS.start, stop=FLAGS.stop, progress=FLAGS.progress,
         )
     except (cascade_lib.CascadeError, gin_utils.GinConfigError) as e:
-        raise SystemExit(f"launch.sample: {e}") from None
+        raise sf.one_line_exit("launch.sample", e) from None
     result.timings["load_s"] = load_s
     settings = stage_settings(cascade, FLAGS.start, FLAGS.stop, stage_dirs)
     record = write_outputs(FLAGS.out, result, settings=settings,

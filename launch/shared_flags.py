@@ -42,3 +42,13 @@ DEFINE_enum = _define_once(flags.DEFINE_enum)
 DEFINE_list = _define_once(flags.DEFINE_list)
 DEFINE_multi_string = _define_once(flags.DEFINE_multi_string)
 DEFINE_multi_integer = _define_once(flags.DEFINE_multi_integer)
+
+
+def one_line_exit(prog: str, error: BaseException) -> SystemExit:
+    """``SystemExit("prog: message")`` with the message folded onto ONE line.
+
+    Raise it ``from None`` for bad user input: Python prints the message to stderr and exits
+    with status 1, with no traceback (gin's and other multi-line messages are joined).
+    """
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return SystemExit(f"{prog}: {text or type(error).__name__}")

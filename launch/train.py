@@ -61,13 +61,14 @@ def main(argv: list[str]) -> None:
     except gin_utils.GinConfigError as e:
         raise SystemExit(f"launch.train: {e}") from None
     from imagen_jax.train.checkpoint import CheckpointMismatchError
-    from imagen_jax.train.trainer import ConfigError, train
+    from imagen_jax.train.trainer import ConfigError, TrainingError, train
 
     try:
         train(FLAGS.workdir)
-    except (ConfigError, CheckpointMismatchError) as e:
-        # Configuration problems stop without a traceback: the message names the fix.
-        raise SystemExit(f"launch.train: {e}") from None
+    except (ConfigError, CheckpointMismatchError, TrainingError) as e:
+        # Configuration problems and a diverged run (max_bad_steps) stop without a traceback:
+        # the message names the fix. Its first line only: gin appends "In call to configurable".
+        raise SystemExit(f"launch.train: {str(e).splitlines()[0]}") from None
 
 
 if __name__ == "__main__":

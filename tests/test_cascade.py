@@ -148,6 +148,13 @@ def test_prefix_and_suffix_match_the_full_cascade(tiny_cascade):
                                atol=1e-3)
     np.testing.assert_allclose(sr_only.float_images[-1][::2], full.float_images[-1][::2],
                                atol=1e-3)
+    # The agreement above would also hold for SR stages that ignored their low-res input: the
+    # same program, seed and text with another low-res image must give other images.
+    other = tiny_cascade.sample(text_embeds=embeds, text_mask=mask, seed=3, num_per_prompt=2,
+                                start=1, lowres=-lowres)
+    for changed, same_input in zip(other.float_images, sr_only.float_images):
+        delta = float(np.abs(changed - same_input).max())
+        assert delta > 0.1, f"another low-res input moved the SR output by only {delta}"
 
 
 def test_batch_and_params_are_sharded_over_the_mesh(tiny_cascade):

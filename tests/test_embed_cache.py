@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from imagen_jax.data import embed_cache, pipeline
-from tests.test_pipeline_resume import REPO, SHAPES, loader, shapes_source
+from tests.support import REPO, SHAPES, loader, shapes_source
 
 MAX_LENGTH = 64  # shapes captions are up to ~45 tokens with this tiny vocabulary
 SHARD_SIZE = 7  # 24 examples -> shards of 7, 7, 7, 3
@@ -25,10 +25,10 @@ ENCODE_BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    from tests.test_pipeline import _prepare
-
-    return _prepare(str(tmp_path_factory.getbasetemp()))
+def data_dir(pipeline_data_dir) -> str:
+    """The shapes tfds data_dir of tests/conftest.py (pipeline_data_dir), shared with the
+    pipeline tests."""
+    return pipeline_data_dir
 
 
 @pytest.fixture(scope="module")

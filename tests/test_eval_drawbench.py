@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from imagen_jax.eval import drawbench, report
+from tests.support_eval import chromium_probe, stand_in_factory
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def stand_in_factory(guidance: float | None = None, resolution: int = 32):
-    """A fast stand-in for the cascade: a flat image whose colour hashes (prompt, seed).
-
-    Guidance darkens the image so that sweeps see metrics change with the weight.
-    """
-    scale = 1.0 / (1.0 + 0.1 * (guidance or 1.0))
-
-    def sample_fn(prompts: list[str], seed: int) -> np.ndarray:
-        out = np.empty((len(prompts), resolution, resolution, 3), np.uint8)
-        for i, p in enumerate(prompts):
-            digest = hashlib.sha256(f"{p}|{seed}|{i}".encode()).digest()
-            out[i] = (np.frombuffer(digest[:3], np.uint8) * scale).astype(np.uint8)
-            out[i, : resolution // 4] = 255  # a band, so images are not flat
-        return out
-
-    return sample_fn
+STAND_IN = "tests.support_eval:stand_in_factory"  # --sample_fn of the launcher
 
 
 def test_prompts_shipped():
@@ -43,61 +23,6 @@ def test_prompts_shipped():
     assert [p.index for p in drawbench.load_prompts(["colors"])] == list(range(25))
     with pytest.raises(ValueError, match="unknown DrawBench categories"):
         drawbench.load_prompts(["Colours"])
-
-
-def _chromium_dump(page: str, tmp_path) -> str:
-    if CHROMIUM is None:
-        pytest.fail("chromium is not installed: run tools/install_system_deps.sh (make setup-test)")
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--allow-file-access-from-files",
-        "--virtual-time-budget=20000",
-        "--dump-dom",
-        f"file://{page}",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout
-
-
-# Appended to a copy of a page: after load, writes image counts (and optional JS results) into
-# the DOM so --dump-dom reports them.
-_PROBE = """
-<script>
-window.addEventListener('load', () => {
-  const imgs = Array.from(document.images);
-  const ok = imgs.filter(im => im.complete && im.naturalWidth > 0).length;
-  const pre = document.createElement('pre');
-  pre.id = 'probe';
-  let extra = null;
-  try { extra = (typeof probeExtra === 'function') ? probeExtra() : null; }
-  catch (e) { extra = String(e); }
-  pre.textContent = JSON.stringify({total: imgs.length, loaded: ok, extra: extra});
-  document.body.appendChild(pre);
-});
-</script>
-"""
-
-
-def _probe(page: str, tmp_path, extra_js: str = "") -> dict:
-    probe_page = page.replace(".html", "_probe.html")
-    with open(page, encoding="utf-8") as f:
-        text = f.read()
-    with open(probe_page, "w", encoding="utf-8") as f:
-        f.write(text.replace("</body>", f"<script>{extra_js}</script>{_PROBE}</body>"))
-    dom = _chromium_dump(probe_page, tmp_path)
-    match = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
-    assert match, dom[-2000:]
-    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
 
 
 def test_all_200_prompts_report_opens_in_chromium(tmp_path):
@@ -124,13 +49,13 @@ def test_all_200_prompts_report_opens_in_chromium(tmp_path):
     assert run["category_means"]["Colors"]["mean_brightness"] == pytest.approx(expected)
 
     page = report.write_report(out)
-    result = _probe(page, tmp_path)
+    result = chromium_probe(page, tmp_path)
     assert result["total"] == 200 and result["loaded"] == 200
 
     embedded = report.write_report(out, embed=True)
     moved = str(tmp_path / "elsewhere.html")
     shutil.copy(embedded, moved)  # no image files next to it: must still be complete
-    result = _probe(moved, tmp_path)
+    result = chromium_probe(moved, tmp_path)
     assert result["loaded"] == 200
 
 
@@ -145,7 +70,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         calls.append(seed)
         return stand_in_factory()(prompts, seed)
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="preempted"):
         drawbench.run_drawbench(flaky, str(tmp_path / "resumed"), **kw)
     seen = []
 
@@ -194,7 +119,7 @@ def test_side_by_side_page_records_choices(tmp_path):
       for (const el of pick('tie', 'fidelity')) el.click();
       return collectChoices();
     }"""
-    result = _probe(page, tmp_path, rate)
+    result = chromium_probe(page, tmp_path, rate)
     assert result["total"] == 40 and result["loaded"] == 40
     choices = result["extra"]
     assert choices["rater"] == "r1" and choices["runs"] == {"A": "ckpt-A", "B": "ckpt-B"}
@@ -231,10 +156,9 @@ def test_launcher_drawbench_and_compare(tmp_path):
         finally:
             evaluate.FLAGS.unparse_flags()
 
-    fn = "tests.test_eval_drawbench:stand_in_factory"
     run(
         "drawbench",
-        f"--sample_fn={fn}",
+        f"--sample_fn={STAND_IN}",
         f"--out={tmp_path / 'a'}",
         "--num_per_prompt=1",
         "--categories=Counting,Positional",
@@ -247,7 +171,7 @@ def test_launcher_drawbench_and_compare(tmp_path):
     assert os.path.exists(tmp_path / "a" / "index.html")
     run(
         "drawbench",
-        f"--sample_fn={fn}",
+        f"--sample_fn={STAND_IN}",
         f"--out={tmp_path / 'b'}",
         "--num_per_prompt=1",
         "--categories=Counting",

@@ -19,7 +19,7 @@ from imagen_jax.eval import drawbench, report
 from imagen_jax.nn import tiny_base, tiny_sr
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import drawbench_prompts, write_random_t5
-from tests.test_eval_drawbench import _probe
+from tests.support_eval import chromium_probe
 
 TEXT_LEN = 32
 RES = (8, 32)
@@ -63,5 +63,5 @@ def test_drawbench_200_prompts_with_the_tiny_cascade(tmp_path):
     assert len({im.tobytes() for im in images}) == 200
 
     page = report.write_report(out)
-    result = _probe(page, tmp_path)
+    result = chromium_probe(page, tmp_path)
     assert result["total"] == 200 and result["loaded"] == 200

@@ -111,7 +111,7 @@ def test_sample_store_resumes_after_preemption(tmp_path):
         return _stand_in_sample_fn(p, seed)
 
     store = fid.SampleStore(str(tmp_path / "resumed"), chunk_size=4, seed=3)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="preempted"):
         store.fill(preempted, prompts, 22)
     assert store.num_chunks() == 3
     store = fid.SampleStore(str(tmp_path / "resumed"), chunk_size=4, seed=3)

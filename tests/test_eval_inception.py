@@ -2,56 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-from unittest import mock
-
 import numpy as np
 import pytest
 import torch
 
 from imagen_jax.eval import inception
 from imagen_jax.eval.weights import load_state_dict
-
-
-@functools.lru_cache(maxsize=1)
-def build_reference_inception(seed: int = 0):
-    """pytorch-fid's FID InceptionV3 with random weights, built without any download.
-
-    Returns (wrapper, published-format state dict). ``fid_inception_v3`` fetches the TF-ported
-    weights; we patch the fetch and the load so the network keeps random weights, and capture
-    the inner torchvision module to get the published file's (torchvision) key names.
-    Cached: the eval test modules share one network (building it is a few CPU seconds).
-    """
-    import torchvision
-    from pytorch_fid import inception as pfi
-
-    captured = []
-
-    def fake_load(self, state_dict, *args, **kwargs):
-        captured.append(self)
-
-    with (
-        mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: {}),
-        mock.patch.object(torchvision.models.inception.Inception3, "load_state_dict", fake_load),
-    ):
-        model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-    model.eval()
-    # torch's default init shrinks activations layer after layer, which would make the parity
-    # check trivially pass on near-zero features: use He-scaled kernels and non-trivial BN stats.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in captured[0].modules():
-            if isinstance(module, torch.nn.Conv2d):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
-                module.weight.mul_((2.0 / fan_in) ** 0.5)
-            elif isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(0.8 + 0.4 * torch.rand(n, generator=gen))
-                module.bias.copy_(0.1 * torch.randn(n, generator=gen))
-                module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                module.running_var.copy_(0.7 + 0.6 * torch.rand(n, generator=gen))
-    return model, captured[0].state_dict()
+from tests.support_eval import build_reference_inception, torch_features
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +25,12 @@ def extractor(reference):
     return inception.make_inception_extractor(weights_path=path, batch_size=8)
 
 
-def _torch_features(model, images_uint8: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 255.0  # pytorch-fid input
-    with torch.no_grad():
-        return model(x)[0][:, :, 0, 0].numpy()
-
-
 @pytest.mark.parametrize("size", [(299, 299), (64, 80), (331, 400)])
 def test_pool3_matches_pytorch_fid(reference, extractor, size):
     model, _ = reference
     rng = np.random.default_rng(sum(size))
     images = rng.integers(0, 256, (3, *size, 3), dtype=np.uint8)
-    expected = _torch_features(model, images)
+    expected = torch_features(model, images)
     got = extractor(images)
     assert got.shape == (3, 2048)
     # Guard against a vacuous pass: the features must be O(1) and differ between images.

@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 
 from imagen_jax.eval import fid, sweep
-from tests.test_eval_drawbench import stand_in_factory
-from tests.test_eval_inception import _torch_features, build_reference_inception
+from tests.support_eval import build_reference_inception, stand_in_factory, torch_features
 
-STAND_IN = "tests.test_eval_drawbench:stand_in_factory"
+STAND_IN = "tests.support_eval:stand_in_factory"
 
 
 def _color_features(images):
@@ -131,8 +130,8 @@ def test_launcher_fid_end_to_end_matches_torch_features(tmp_path):
     store = fid.SampleStore.open(str(tmp_path / "o" / "samples"))
     samples = np.concatenate([store.read_chunk(i)[0] for i in range(store.num_chunks())])
     assert samples.shape == (6, 32, 32, 3)
-    a = _torch_features(model, samples).astype(np.float64)
-    b = _torch_features(model, ref_images).astype(np.float64)
+    a = torch_features(model, samples).astype(np.float64)
+    b = torch_features(model, ref_images).astype(np.float64)
     # Independent closed form for n < dim: with S = Xc^T Xc / (n - 1), tr((S_a S_b)^(1/2)) is the
     # nuclear norm of Xa Xb^T / sqrt((na - 1)(nb - 1)) (no 2048 x 2048 decomposition needed).
     xa, xb = a - a.mean(0), b - b.mean(0)

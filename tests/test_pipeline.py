@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import io
-import os
-
 import numpy as np
 import pytest
 
@@ -16,78 +12,16 @@ import tensorflow_datasets as tfds
 import torch
 from PIL import Image
 
-from imagen_jax.data import pipeline, shapes_tfds
-from tests.test_pipeline_resume import (
-    SHAPES,
-    CharTokenizer,
-    loader,
-    shapes_source,
-    tokens_iterator,
-)
-
-SHAPES_TRAIN = 24
-EDGE = "pipeline_edge_cases"
-
-
-class PipelineEdgeCases(tfds.core.GeneratorBasedBuilder):
-    """Awkward images: non-square, too small for a 32 px stage, undecodable bytes."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    # Record -> (height, width) or None for a corrupt file; ids are 1000 + record.
-    SIZES = [(40, 56), (48, 32), (20, 30), None, (64, 64), (33, 90)]
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3)),
-                    "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
-                    "key": np.int64,
-                }
-            ),
-            disable_shuffling=True,
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i, size in enumerate(self.SIZES):
-            yield i, {
-                "image": edge_image(i) if size else io.BytesIO(b"\x89PNG but truncated"),
-                "captions": {"text": [f"first caption {i}", f"second caption {i}"]},
-                "key": 1000 + i,
-            }
-
-
-def edge_image(record: int) -> np.ndarray:
-    """Smooth gradients (no edges: resampling filters differ most at edges) of ``record``'s size."""
-    h, w = PipelineEdgeCases.SIZES[record]
-    y, x = np.mgrid[0:h, 0:w]
-    channels = [x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 200 // (h + w - 2) + record]
-    img = np.stack(channels, -1)
-    return img.astype(np.uint8)
-
-
-@functools.cache
-def _prepare(root: str) -> str:
-    data_dir = os.path.join(root, "tfds")
-    shapes_tfds.prepare(
-        shapes_tfds.ShapesConfig(name="p32", resolution=32, num_train=SHAPES_TRAIN, num_heldout=8),
-        data_dir=data_dir,
-    )
-    PipelineEdgeCases(data_dir=data_dir, file_format="array_record").download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
-    return data_dir
+from imagen_jax.data import pipeline
+from tests.support import SHAPES, CharTokenizer, loader, shapes_source, tokens_iterator
+from tests.support_data import EDGE, SHAPES_TRAIN, PipelineEdgeCases, edge_image
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> str:
-    """A tfds data_dir with 32 px shapes (24 train / 8 heldout) and the edge-case builder."""
-    return _prepare(str(tmp_path_factory.getbasetemp()))
+def data_dir(pipeline_data_dir) -> str:
+    """A tfds data_dir with 32 px shapes (24 train / 8 heldout) and the edge-case builder
+    (tests/conftest.py: pipeline_data_dir, prepared once for all pipeline tests)."""
+    return pipeline_data_dir
 
 
 def raw_examples(data_dir: str, name: str = SHAPES, split: str = "train") -> dict[int, dict]:

@@ -1,8 +1,7 @@
 """Must show 3: take 7 batches, save the iterator state, restore it in a NEW process, take 3
 more; they equal batches 8-10 of an uninterrupted run.
 
-This module stays light (no torch / TensorFlow imports) because the child process imports it;
-it also holds the small helpers test_pipeline.py shares.
+The child process imports only tests.support (light: no pytest, torch or TensorFlow).
 """
 
 from __future__ import annotations
@@ -14,63 +13,16 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
 from imagen_jax.data import pipeline
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = "imagen_shapes/p32"  # 32 px shapes (24 train / 8 heldout), see test_pipeline._prepare
-
-
-class CharTokenizer:
-    """Tiny deterministic tokenizer (bytes + EOS) standing in for T5's in tokens-mode tests."""
-
-    max_length = 24
-
-    def tokenize(self, texts):
-        ids = np.zeros((len(texts), self.max_length), np.int32)
-        for row, text in enumerate(texts):
-            codes = list(text.encode()[: self.max_length - 1]) + [1]
-            ids[row, : len(codes)] = codes
-        return ids, ids > 0
-
-
-def shapes_source(data_dir: str, split: str = "train") -> pipeline.SourceSpec:
-    return pipeline.SourceSpec(name=SHAPES, split=split, data_dir=data_dir)
-
-
-def loader(**kw) -> pipeline.LoaderSpec:
-    kw.setdefault("process_index", 0)
-    kw.setdefault("process_count", 1)
-    kw.setdefault("read_threads", 1)
-    return pipeline.LoaderSpec(**kw)
-
-
-def tokens_iterator(data_dir, stage=None, source=None, **loader_kw) -> pipeline.InputIterator:
-    return pipeline.make_iterator(
-        source or shapes_source(data_dir),
-        stage or pipeline.StageSpec(resolution=32),
-        loader(**loader_kw),
-        pipeline.TextSpec(mode="tokens"),
-        tokenizer=CharTokenizer(),
-    )
-
-
-def resume_iterator(data_dir: str) -> pipeline.InputIterator:
-    """SR pairs from random crops, decoded in a worker process; 24 examples in batches of 5, so
-    the 10 batches cross two epoch boundaries (reshuffles) and the state is mid-epoch."""
-    stage = pipeline.StageSpec(resolution=16, lowres_resolution=8, source_resolution=32,
-                               crop="random")
-    return tokens_iterator(data_dir, stage, batch_size=5, seed=11, worker_count=1,
-                           worker_buffer_size=1)
-
+from tests.support import REPO, resume_iterator
 
 _CHILD = textwrap.dedent(
     """
     import sys
     import numpy as np
     from imagen_jax.data import pipeline
-    from tests.test_pipeline_resume import resume_iterator
+    from tests.support import resume_iterator
 
     if __name__ == "__main__":
         data_dir, state_path, out_path = sys.argv[1:]
@@ -82,15 +34,8 @@ _CHILD = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> str:
-    from tests.test_pipeline import _prepare  # Heavy (tfds preparation): only in pytest.
-
-    return _prepare(str(tmp_path_factory.getbasetemp()))
-
-
-def test_resume_in_new_process_matches_uninterrupted(data_dir, tmp_path):
-    it = resume_iterator(data_dir)
+def test_resume_in_new_process_matches_uninterrupted(pipeline_data_dir, tmp_path):
+    it = resume_iterator(pipeline_data_dir)
     pipeline.iterate(it, 7)
     state_path = str(tmp_path / "iterator_state.json")
     pipeline.save_state(it, state_path)
@@ -101,8 +46,8 @@ def test_resume_in_new_process_matches_uninterrupted(data_dir, tmp_path):
     out = str(tmp_path / "resumed.npz")
     child = tmp_path / "resume_child.py"
     child.write_text(_CHILD)
-    subprocess.run([sys.executable, str(child), data_dir, state_path, out], cwd=REPO,
-                   env=dict(os.environ, PYTHONPATH=REPO), check=True, timeout=300)
+    subprocess.run([sys.executable, str(child), pipeline_data_dir, state_path, out],
+                   cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), check=True, timeout=300)
     resumed = np.load(out)
     assert len(resumed.files) == 3 * len(uninterrupted[0])
     for i, batch in enumerate(uninterrupted):

@@ -208,7 +208,7 @@ def test_bad_arguments_raise_clear_errors():
         shapes.render(shapes.sample_scene("train", 0), 4)
     with pytest.raises(ValueError, match="never overlap"):
         shapes.SceneSpec(size_radius=(0.1, 0.3))
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index 3 out of range for 3 examples"):
         shapes.ShapesSource("train", num_examples=3)[3]
 
 

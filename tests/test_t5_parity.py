@@ -25,8 +25,10 @@ def _mixed_prompts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def torch_t5():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    # Plain imports: the test extra installs both, and a broken install must fail, not skip.
+    import torch
+    import transformers
+
     torch.set_num_threads(1)
     return torch, transformers.T5EncoderModel
 

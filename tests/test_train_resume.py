@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.test_train_sharding import REPO, subprocess_env
+from tests.support import REPO, subprocess_env
 
 # The tiny base stage with synthetic in-memory data (no tfds / T5 preparation in tests).
 TINY_BASE = [
@@ -22,6 +22,7 @@ TINY_BASE = [
     "--gin.train.data_fn=@synthetic_data",
     "--gin.train.text_encoder=None",
     "--gin.synthetic_data.resolution=16",
+    "--gin.TEXT_LENGTH=16",
     "--gin.synthetic_data.text_length=16",
     "--gin.synthetic_data.text_embed_dim=32",
     "--gin.TrainConfig.progress_bar=False",

@@ -11,6 +11,7 @@ from imagen_jax import partitioning
 from imagen_jax.nn import BaseUNet, EfficientUNet, tiny_base, tiny_sr
 from imagen_jax.nn.attention import AttentionBlock, AttentionPool
 from imagen_jax.nn.layers import ResBlock, sinusoidal_embedding
+from tests.support_unet import random_params
 
 B, SIZE, L, D = 2, 16, 5, 32
 
@@ -26,26 +27,6 @@ def _inputs(seed=0, size=SIZE, lowres=None):
         args += [jnp.asarray(rng.standard_normal((B, lowres, lowres, 3)), jnp.float32),
                  jnp.asarray([0.0, 0.3], jnp.float32)]
     return args
-
-
-def random_params(model, args, seed=1):
-    """Random parameters with the model's tree structure, none zero (so zero-initialised output
-    layers do not hide anything). Shapes come from eval_shape and values from numpy: compiling
-    the real init costs tens of seconds on a shared CPU and is exercised once, below."""
-    abstract = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *args)
-    rng = np.random.default_rng(seed)
-
-    def sample(path, leaf):
-        name = str(getattr(path[-1], "key", ""))
-        noise = rng.standard_normal(leaf.shape).astype(np.float32)
-        if name == "scale":
-            return jnp.asarray(1.0 + 0.05 * noise)
-        if name == "bias":
-            return jnp.asarray(0.05 * noise)
-        fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 1
-        return jnp.asarray(noise / np.sqrt(fan_in))
-
-    return jax.tree_util.tree_map_with_path(sample, nn.meta.unbox(abstract)["params"])
 
 
 _perturbed_params = random_params
@@ -95,6 +76,24 @@ def test_null_condition_is_finite_and_ignores_masked_tokens(which, base_setup, s
     np.testing.assert_allclose(cond, cond_changed, atol=1e-5)
     # ... while real tokens do: the text condition reaches the output.
     assert float(jnp.abs(cond - uncond).max()) > 1e-4
+
+
+def test_sr_output_depends_on_lowres_and_aug_level(sr_setup):
+    """An SR U-Net that ignored its low-res image or its augmentation level would pass every
+    shape test: each conditioning input must move the output, and only its own example's."""
+    model, args, params = sr_setup
+    apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+    x, t, embeds, mask, lowres, aug_level = args
+    out = np.asarray(apply(params, *args))
+    scale = float(np.abs(out).max())
+    other_low = lowres.at[0].set(-lowres[0])  # example 0 only
+    out_low = np.asarray(apply(params, x, t, embeds, mask, other_low, aug_level))
+    other_aug = aug_level.at[0].set(0.9)
+    out_aug = np.asarray(apply(params, x, t, embeds, mask, lowres, other_aug))
+    for what, changed in (("lowres", out_low), ("aug_level", out_aug)):
+        delta = float(np.abs(changed[0] - out[0]).max())
+        assert delta > 1e-2 * scale, f"changing {what} moved the output by {delta} of {scale}"
+        np.testing.assert_allclose(changed[1], out[1], atol=1e-5, err_msg=what)
 
 
 def _np_attention(q, k, v, mask):
@@ -235,7 +234,9 @@ def test_remat_wraps_every_block_and_keeps_gradients(base_setup):
     grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, x, emb) ** 2)))(
         block_params) for m in (block, nn.remat(ResBlock)(16, num_groups=4))]
     for a, b in zip(*map(jax.tree.leaves, grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # Remat recomputes the forward pass, so a few of ~1k gradients differ in the last float32
+        # bits (measured up to 4e-5 relative after the two-pass GroupNorm): rtol 1e-4.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_params(sr_setup):

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from absl import logging
@@ -59,6 +60,24 @@ class TextEncoderLike(Protocol):
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
 
     def encode(self, ids: Any, mask: Any) -> Any: ...
+
+
+def masked_encode_fn(encoder: TextEncoderLike) -> Any:
+    """``encode(ids, mask) -> float32 [B, L, D]`` for on-the-fly encoding in the trainer.
+
+    Args:
+      encoder: a ``TextEncoder`` (anything with ``encode(ids int [B, L], mask bool [B, L])``).
+
+    Returns:
+      A function of (ids int32 [B, L], mask bool [B, L]) (numpy or global ``jax.Array``s) giving
+      float32 embeddings with exact zeros at padded positions, i.e. the values the cache stores
+      and reads back, so a stage trains on the same inputs whether or not it uses a cache.
+    """
+    def encode(ids: Any, mask: Any) -> Any:
+        embeds = jnp.asarray(encoder.encode(ids, mask), jnp.float32)
+        return jnp.where(jnp.asarray(mask, bool)[..., None], embeds, 0.0)
+
+    return encode
 
 
 class CaptionTable(Protocol):

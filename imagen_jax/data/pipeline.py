@@ -22,7 +22,6 @@ images (it is fully convolutional apart from text cross-attention).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from imagen_jax.data.embed_cache import EmbeddingCache
+from imagen_jax.data.images import NonFiniteImageError, check_finite, read_rgb
 
 # Keys of the per-batch skip counters that travel from the workers to the main process.
 _SKIP_REASONS = ("too_small", "unreadable")
@@ -335,11 +335,14 @@ class CaptionTable:
 
 
 def decode_image(value: Any) -> np.ndarray:
-    """Encoded bytes or an array -> uint8 [H, W, 3]. Raises ``OSError``/``ValueError`` if bad."""
+    """Encoded bytes or an array -> uint8 [H, W, 3]. Raises ``OSError``/``ValueError`` if bad.
+
+    A float image (array, or a float TIFF's bytes) holding NaN/Inf raises
+    ``NonFiniteImageError`` (a ValueError) instead of decoding to black pixels.
+    """
     if isinstance(value, (bytes, np.bytes_)):
-        with Image.open(io.BytesIO(value)) as im:
-            return np.asarray(im.convert("RGB"))
-    array = np.asarray(value)
+        return read_rgb(bytes(value))
+    array = check_finite(np.asarray(value), "image")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
@@ -400,10 +403,14 @@ class _PrepareExample:
         except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files.
             if self.stage.unreadable_images == "skip":
                 return {_SKIP_KEY: "unreadable"}
+            problem = (
+                e.problem
+                if isinstance(e, NonFiniteImageError)
+                else f"cannot be decoded ({type(e).__name__}: {e})"
+            )
             raise DataError(
-                f"{where}: image feature {self.source.spec.image_feature!r} cannot be decoded "
-                f"({type(e).__name__}: {e}); repair or drop the record, or set "
-                "StageSpec.unreadable_images='skip'"
+                f"{where}: image feature {self.source.spec.image_feature!r} {problem}; repair or "
+                "drop the record, or set StageSpec.unreadable_images='skip'"
             ) from e
         if min(pixels.shape[:2]) < self.stage.crop_source_resolution:
             if self.stage.small_images == "skip":

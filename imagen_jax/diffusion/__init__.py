@@ -39,6 +39,7 @@ from imagen_jax.diffusion.schedules import (
     alpha_sigma_from_logsnr,
     get_schedule,
 )
+from imagen_jax.diffusion.settings import check_sampling_settings
 from imagen_jax.diffusion.thresholding import (
     DEFAULT_PERCENTILE,
     THRESHOLDINGS,
@@ -64,6 +65,7 @@ __all__ = [
     "ShiftedCosineSchedule",
     "alpha_sigma_from_logsnr",
     "apply_thresholding",
+    "check_sampling_settings",
     "convert_prediction",
     "ddim_step",
     "ddpm_step",

@@ -34,6 +34,7 @@ import numpy as np
 from imagen_jax.diffusion.guidance import guided_model_fn
 from imagen_jax.diffusion.predictions import check_prediction, x0_eps_from_prediction
 from imagen_jax.diffusion.schedules import CosineSchedule, Schedule, alpha_sigma_from_logsnr
+from imagen_jax.diffusion.settings import SAMPLERS, check_sampling_settings
 from imagen_jax.diffusion.thresholding import (
     DEFAULT_PERCENTILE,
     apply_thresholding,
@@ -44,7 +45,6 @@ from imagen_jax.diffusion.thresholding import (
 Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 # Step counts used when `num_steps` is not given (the paper states none): practical defaults for
 # images. Matching the mean and variance of unit-scale Gaussian-mixture data within 2% takes more
 # for the first-order samplers, whose variance bias is O(1/N): 1000 (ddpm), 250 (ddim), 25
@@ -302,11 +302,12 @@ class SamplerConfig:
     guidance_weight: float = 1.0
 
     def __post_init__(self):
-        check_sampler(self.sampler)
-        check_thresholding(self.thresholding)
-        check_percentile(self.percentile)
-        if self.num_steps is not None and self.num_steps < 1:
-            raise ValueError(f"SamplerConfig.num_steps={self.num_steps} must be >= 1")
+        # One validation for every config (settings.py): finite, in range, whole step counts.
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.num_steps is None:  # None: DEFAULT_NUM_STEPS[sampler]
+            del settings["num_steps"]
+        for name, value in check_sampling_settings(settings, where="SamplerConfig.").items():
+            object.__setattr__(self, name, value)  # frozen: store the normalised value
 
     @property
     def steps(self) -> int:

@@ -22,19 +22,24 @@ THRESHOLDINGS = ("none", "static", "dynamic")
 DEFAULT_PERCENTILE = 99.5  # Imagen Fig. A.10
 
 
-def check_percentile(percentile: float) -> float:
+def check_percentile(percentile: float, label: str = "percentile") -> float:
+    """The dynamic-thresholding percentile as a float in [1, 100]; ``label`` names it in errors.
+
+    Raises TypeError for a non-number, ValueError (one line) for NaN/Inf, values outside
+    (0, 100] and values below 1 (a quantile passed as a percentile).
+    """
     if not isinstance(percentile, numbers.Real) or isinstance(percentile, bool):
         raise TypeError(
-            f"percentile must be a Python number (static), got {type(percentile).__name__}"
+            f"{label} must be a Python number (static), got {type(percentile).__name__}"
         )
     percentile = float(percentile)
-    if not 0.0 < percentile <= 100.0:
-        raise ValueError(f"percentile={percentile} must lie in (0, 100], e.g. 99.5 (the paper's)")
+    if not 0.0 < percentile <= 100.0:  # also refuses NaN
+        raise ValueError(f"{label}={percentile} must lie in (0, 100], e.g. 99.5 (the paper's)")
     if percentile < 1.0:
         # imagen-pytorch's 0.95 is a quantile; as a percentile it would clip almost every pixel.
         raise ValueError(
-            f"percentile={percentile} looks like a quantile; percentiles are in percent, e.g. "
-            f"99.5 (pass {percentile * 100:g} for the {percentile} quantile)"
+            f"{label}={percentile} looks like a quantile; percentiles are in percent, in [1, 100], "
+            f"e.g. 99.5 (pass {percentile * 100:g} for the {percentile} quantile)"
         )
     return percentile
 

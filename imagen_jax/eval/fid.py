@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from imagen_jax.data.images import check_finite, read_rgb
+
 SampleFn = Callable[[list[str], int], np.ndarray]  # (prompts, seed) -> uint8 [N, H, W, 3]
 FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 [N, H, W, 3] -> float [N, D]
 
@@ -170,7 +172,7 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(crop, np.uint8)
 
 
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def iter_reference(
@@ -181,6 +183,9 @@ def iter_reference(
     ``reference`` is a directory of images (sorted, recursive) or ``tfds:NAME[/CONFIG][:SPLIT]``
     (e.g. ``tfds:coco_captions/2017:val``), read from an already prepared TFDS ``data_dir``:
     nothing is downloaded.
+
+    Raises ``imagen_jax.data.images.NonFiniteImageError`` (a ValueError) naming the image if
+    one holds NaN/Inf values (float TIFFs, float TFDS features): PIL would make them black.
     """
     count = 0
     if reference.startswith("tfds:"):
@@ -203,7 +208,8 @@ def iter_reference(
             caps = ex.get("captions")
             if isinstance(caps, dict) and len(caps.get("text", [])):
                 caption = caps["text"][0].decode()
-            yield center_crop_resize(ex["image"], resolution), caption
+            image = check_finite(ex["image"], f"reference image {count} of {reference!r}")
+            yield center_crop_resize(image, resolution), caption
             count += 1
         return
     if not os.path.isdir(reference):
@@ -218,8 +224,7 @@ def iter_reference(
     if not paths:
         raise ValueError(f"reference directory {reference!r} holds no images ({_IMAGE_EXTS})")
     for path in paths[:max_images]:
-        with Image.open(path) as im:
-            yield center_crop_resize(np.asarray(im.convert("RGB")), resolution), None
+        yield center_crop_resize(read_rgb(path, f"reference image {path!r}"), resolution), None
 
 
 def _batched(items: Iterable, size: int) -> Iterator[list]:

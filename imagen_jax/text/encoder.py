@@ -18,7 +18,12 @@ from imagen_jax import partitioning
 from imagen_jax.text.checkpoints import abstract_params, load_params, open_checkpoint
 from imagen_jax.text.config import DTYPES, T5Config
 from imagen_jax.text.t5 import T5Encoder
-from imagen_jax.text.tokenizer import DEFAULT_MAX_LENGTH, Tokenizer, VocabularyError
+from imagen_jax.text.tokenizer import (
+    DEFAULT_MAX_LENGTH,
+    T5_EXTRA_IDS,
+    Tokenizer,
+    VocabularyError,
+)
 
 SPM_FILENAME = "spiece.model"
 
@@ -134,6 +139,7 @@ def load_t5(
     rules: partitioning.LogicalRules | None = None,
     config: T5Config | None = None,
     progress: bool = False,
+    extra_ids: int | None = None,
 ) -> TextEncoder:
     """Loads a frozen T5 encoder from a Hugging Face or T5X checkpoint directory.
 
@@ -147,6 +153,12 @@ def load_t5(
       rules: logical -> mesh axis rules (default ``partitioning.logical_axis_rules()``).
       config: override the checkpoint's architecture (T5X directories carry none).
       progress: show a per-parameter progress bar while loading.
+      extra_ids: sentinel ids ``<extra_id_0>``... after the sentencepiece pieces. None: as many
+        as the embedding table has rows for, at most 100 (every public T5: 32000 pieces, 32128
+        rows -> 100, matching seqio's T5 vocabulary and Hugging Face's T5Tokenizer).
+
+    Raises `VocabularyError` when the vocabulary (with its extra ids) has more ids than the
+    checkpoint's embedding table has rows.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported; use one of {DTYPES}")
@@ -159,6 +171,16 @@ def load_t5(
             f"vocabulary {vocab!r} has {tokenizer.vocab_size} pieces but the checkpoint's "
             f"embedding table has {cfg.vocab_size} rows; pass the vocab this model was trained with"
         )
+    if extra_ids is None:
+        extra_ids = min(T5_EXTRA_IDS, cfg.vocab_size - tokenizer.vocab_size)
+    if tokenizer.num_pieces + extra_ids > cfg.vocab_size:
+        raise VocabularyError(
+            f"vocabulary {vocab!r} has {tokenizer.num_pieces} pieces + extra_ids={extra_ids} "
+            f"sentinels, more than the checkpoint's {cfg.vocab_size} embedding rows; pass "
+            f"extra_ids <= {cfg.vocab_size - tokenizer.num_pieces}"
+        )
+    if extra_ids:
+        tokenizer = Tokenizer(vocab, max_length, extra_ids=extra_ids)
     param_dtype = jnp.dtype(dtype)
     shardings = None
     if mesh is not None:

@@ -8,6 +8,8 @@ dataclass afterwards, so several stages can live in one process.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -43,6 +45,12 @@ class Stage:
         used 1.35 base / 8.0 SR, dynamic thresholding p = 99.5, App. E/Fig. A.10).
       text_fingerprint: `TextEncoder.fingerprint` of the encoder the stage was trained with; the
         cascade refuses to sample it with another encoder.
+
+    Raises ValueError (one line, naming the field and its valid range) for a NaN/Inf or
+    out-of-range setting or a fractional step count: the sampler settings go through
+    `imagen_jax.diffusion.check_sampling_settings`, the one definition the cascade uses too.
+    (A ``sample_aug_level`` above ``train_aug_max`` is warned about when the stage is sampled:
+    ``imagen_jax.cascade.CascadeStage``.)
     """
 
     model: nn.Module = gin.REQUIRED
@@ -76,10 +84,34 @@ class Stage:
             raise ValueError(
                 f"Stage.loss_weighting={self.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}"
             )
+        from imagen_jax.diffusion.settings import check_sampling_settings
+
+        sampling = {
+            "sampler": self.sampler,
+            "num_steps": self.num_sample_steps,
+            "guidance_weight": self.guidance_weight,
+            "thresholding": self.thresholding,
+            "percentile": self.percentile,
+            "aug_level": self.sample_aug_level,
+        }
+        aliases = {"num_steps": "num_sample_steps", "aug_level": "sample_aug_level"}
+        checked = check_sampling_settings(sampling, where="Stage.", names=aliases)
+        for name, value in checked.items():
+            object.__setattr__(self, aliases.get(name, name), value)  # frozen: normalised value
+        # Both are probabilities / diffusion times in [0, 1] (a chained comparison is False for
+        # NaN, so NaN is refused too).
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"Stage.cond_drop_prob={self.cond_drop_prob} must lie in [0, 1]")
         if not 0.0 <= self.train_aug_max <= 1.0:
             raise ValueError(f"Stage.train_aug_max={self.train_aug_max} must lie in [0, 1]")
+        gamma = self.min_snr_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (
+            math.isfinite(gamma) and gamma > 0
+        ):
+            raise ValueError(
+                f"Stage.min_snr_gamma={self.min_snr_gamma!r} must be a finite number > 0 (the "
+                "Min-SNR paper uses 5)"
+            )
         if self.lowres_resolution is not None and self.resolution % self.lowres_resolution:
             raise ValueError(
                 f"Stage.resolution={self.resolution} is not a multiple of "

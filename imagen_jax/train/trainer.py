@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from imagen_jax import gin_utils, partitioning
+from imagen_jax.data.embed_cache import masked_encode_fn
 from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train.checkpoint import CheckpointConfig, Checkpointer
 from imagen_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -102,8 +103,13 @@ def pipeline_data(
         process_index=process_index,
         process_count=process_count,
     )
+    # The specs are gin-configured dataclasses (SourceSpec, StageSpec, TextSpec in the stage's
+    # gin file); built here so a config needs no `make_iterator.*` plumbing bindings.
     return pipeline.make_iterator(
+        source=pipeline.SourceSpec(),
+        stage=pipeline.StageSpec(),
         loader=loader,
+        text=pipeline.TextSpec(),
         tokenizer=tokenizer,
         text_fingerprint=text_fingerprint,
         text_max_length=text_max_length,
@@ -249,8 +255,6 @@ def train(
     lr_schedule = learning_rate_schedule()
     tx = make_optimizer(lr_schedule)
     if text_encoder is not None and encode_fn is None:
-        from imagen_jax.data.embed_cache import masked_encode_fn
-
         encode_fn = masked_encode_fn(text_encoder)
         if stage.text_fingerprint and text_encoder.fingerprint != stage.text_fingerprint:
             raise ConfigError(
@@ -267,12 +271,14 @@ def train(
         data_kwargs["tokenizer"] = text_encoder
     data_iter = data_fn(**data_kwargs)
 
-    # ---- State: restore the latest checkpoint or initialise directly into shards.
+    # ---- State: restore the latest complete checkpoint or initialise directly into shards.
+    # (Opening the Checkpointer sets incomplete steps aside with a warning naming each; restore
+    # falls back past a step whose files cannot be read.)
     abstract_state, state_shardings = abstract_train_state(stage.model, tx, stage, mesh, rules)
     ckpt = Checkpointer(workdir, checkpoint_config)
     if ckpt.latest_step() is not None:
-        log.info("resuming from %s step %d", ckpt.directory, ckpt.latest_step())
         state = ckpt.restore(abstract_state, data_iter)
+        log.info("resuming from %s step %d", ckpt.directory, ckpt.restored_step)
     else:
         from imagen_jax.train.state import init_train_state
 
