@@ -274,9 +274,18 @@ def import_imagen_pytorch() -> Any:
     """imagen_pytorch, imported without network (it reads a T5 config from the Hub at import)."""
     import transformers
 
+    # Patched only while imagen_pytorch imports, then restored: the test suite loads real
+    # (tiny) T5 checkpoints through transformers in the same process.
+    own = transformers.T5Config.__dict__.get("from_pretrained")  # None: inherited
     transformers.T5Config.from_pretrained = classmethod(
         lambda cls, *a, **k: transformers.T5Config(d_model=512))
-    import imagen_pytorch
+    try:
+        import imagen_pytorch
+    finally:
+        if own is None:
+            del transformers.T5Config.from_pretrained
+        else:
+            transformers.T5Config.from_pretrained = own
 
     return imagen_pytorch
 

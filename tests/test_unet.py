@@ -234,9 +234,9 @@ def test_remat_wraps_every_block_and_keeps_gradients(base_setup):
     grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, x, emb) ** 2)))(
         block_params) for m in (block, nn.remat(ResBlock)(16, num_groups=4))]
     for a, b in zip(*map(jax.tree.leaves, grads)):
-        # Remat recomputes the forward pass, so a few of ~1k gradients differ in the last float32
-        # bits (measured up to 4e-5 relative after the two-pass GroupNorm): rtol 1e-4.
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        # Remat recomputes the forward pass in another fusion order, so a few of ~2k gradients
+        # (magnitude ~0.1) differ by float32 rounding: up to 2.3e-5 absolute on a fresh clone.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_bfloat16_compute_keeps_float32_params(sr_setup):
