@@ -92,3 +92,11 @@ def resume_iterator(data_dir: str) -> pipeline.InputIterator:
                                crop="random")
     return tokens_iterator(data_dir, stage, batch_size=5, seed=11, worker_count=1,
                            worker_buffer_size=1)
+
+
+def leaves_equal(a, b) -> None:
+    """Asserts two pytrees have the same leaves, bit for bit (host copies of device arrays)."""
+    import jax  # lazy: this module stays importable without initialising a backend
+
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(jax.device_get(x)), np.asarray(jax.device_get(y)))

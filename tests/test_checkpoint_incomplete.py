@@ -23,6 +23,7 @@ import pytest
 
 from imagen_jax import cascade, gin_utils, partitioning
 from imagen_jax.train import checkpoint, optim, state, testing, trainer
+from tests.support import leaves_equal
 
 LOGGER = "imagen_jax.train.checkpoint"
 # When one array read fails, orbax closes its event loop while tensorstore still completes the
@@ -103,11 +104,6 @@ def _break(checkpoints: str, source_step: int, step: int, damage,
     damage(target)
 
 
-def _leaves_equal(a, b) -> None:
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(jax.device_get(x)), np.asarray(jax.device_get(y)))
-
-
 # --------------------------------------------------------------------------- read-only loading
 
 
@@ -166,7 +162,7 @@ def test_incomplete_newest_step_is_skipped_when_loading(run, way, caplog):
         meta = ckpt.read_meta()
     ckpt.close()
     assert ckpt.restored_step == 10
-    _leaves_equal(ema, hosts[10].ema_params)
+    leaves_equal(ema, hosts[10].ema_params)
     assert meta["operative_config"] == "x = 1"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
                 and r.name == LOGGER]
@@ -185,7 +181,7 @@ def test_unreadable_arrays_fall_back_to_the_previous_complete_step(run, caplog):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         restored = ckpt.restore(abstract, testing.synthetic_data(batch_size=2))
     assert ckpt.restored_step == 10
-    _leaves_equal(restored, hosts[10])
+    leaves_equal(restored, hosts[10])
     assert any("step 15" in r.getMessage() and "cannot be restored" in r.getMessage()
                for r in caplog.records)
     with pytest.raises(checkpoint.IncompleteCheckpointError,
@@ -290,7 +286,7 @@ def test_load_stage_uses_the_newest_complete_step(stage_dir, caplog):
     mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         _, params = cascade.load_stage(workdir, mesh=mesh, rules=())
-    _leaves_equal(params, emas[6])
+    leaves_equal(params, emas[6])
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "step 9" in text and "step 12" in text and "cannot be restored" in text
 
@@ -302,7 +298,7 @@ def test_evaluate_launcher_builds_the_cascade_from_the_newest_complete_step(stag
     _remove("state")(os.path.join(workdir, "checkpoints", "6"))
     os.makedirs(os.path.join(workdir, "checkpoints", "9"))
     built = evaluate.build_cascade([workdir], None)
-    _leaves_equal(built.params[0], emas[3])
+    leaves_equal(built.params[0], emas[3])
 
 
 # --------------------------------------------------------------------------- training resumes
@@ -379,7 +375,7 @@ def test_trainer_resumes_from_last_complete_step_bit_identical(uninterrupted, tm
 
     # Continued from step 2 and ended bit-identical to the run that was never interrupted.
     assert int(final.step) == 4
-    _leaves_equal(jax.device_get(final), reference)
+    leaves_equal(jax.device_get(final), reference)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("resuming from") and m.endswith("step 2") for m in messages), messages
     warnings = [m for m, r in zip(messages, caplog.records) if r.levelno >= logging.WARNING]

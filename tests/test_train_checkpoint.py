@@ -15,6 +15,7 @@ import pytest
 
 from imagen_jax import partitioning
 from imagen_jax.train import checkpoint, metrics, optim, state, testing, trainer
+from tests.support import leaves_equal
 
 
 def random_state(stage, tx, mesh, rules, seed=0):
@@ -29,11 +30,6 @@ def random_state(stage, tx, mesh, rules, seed=0):
 def mesh_of(data, fsdp, tensor):
     return partitioning.make_mesh(data, fsdp, tensor,
                                   devices=jax.devices()[: data * fsdp * tensor])
-
-
-def leaves_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(jax.device_get(x)), np.asarray(jax.device_get(y)))
 
 
 @pytest.fixture(scope="module")
