@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Tests force 8 host devices so multi-device code runs on a CPU-only machine.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
-# Two xdist workers (CI has 2 cores); modules are grouped in tests/conftest.py.
+# Two xdist workers (CI has 2 cores), one module per worker at a time, longest first (tests/conftest.py).
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint setup setup-test bench clean
@@ -35,7 +35,7 @@ lint: $(VENV)/.setup-test
 
 test: $(VENV)/.setup-test
 	$(PY) -m ruff check .
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: $(VENV)/.setup-test
 	JAX_PLATFORMS=cpu $(PY) -m bench.run_all

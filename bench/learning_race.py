@@ -41,6 +41,11 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+# torch's OpenMP workers spin-wait after each parallel region (libgomp's default ACTIVE policy);
+# in one process that alternates torch and XLA steps, the spinning threads take a core from the
+# XLA step that follows. PASSIVE makes them sleep at once (must be set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
@@ -62,6 +67,9 @@ sf.DEFINE_integer("threads", 2, "torch.set_num_threads.")
 sf.DEFINE_integer("seed", 0, "Seed of batches, probe noise and sampling.")
 sf.DEFINE_string("workdir", None, "Data, T5 and results (default /tmp/learning_race).")
 sf.DEFINE_string("grid_png", None, "PNG grid path (default <workdir>/grid.png).")
+# Shared with launch.demo (its scenes; "single" there by default): the race applies it as well.
+sf.DEFINE_enum("preset", "single", ["single", "full"], "Scenes: 'single' (one object, the "
+               "default demo) or 'full' (one or two objects).")
 
 RESOLUTION = 32  # the demo's base resolution (gin_configs/demo/base.gin)
 RENDER_RESOLUTION = 128  # launch.demo renders the base stage's dataset at 128 px
@@ -88,6 +96,7 @@ class RaceData:
     captions: list[str]
     evals: dict[str, tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]
     probe: dict[str, np.ndarray]
+    preset: str = "single"
 
     def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         """The step-th batch, the same for every side: image in [-1, 1], text_embeds, mask."""
@@ -96,13 +105,16 @@ class RaceData:
                 "text_embeds": self.embeds[idx], "text_mask": self.masks[idx]}
 
 
-def render(split: str, indices: Sequence[int], resolution: int = RESOLUTION) -> np.ndarray:
+def render(split: str, indices: Sequence[int], resolution: int = RESOLUTION,
+           preset: str = "single") -> np.ndarray:
     """The demo's base-stage images: rendered at 128 px, bicubic-resized like the pipeline."""
     from imagen_jax.data import pipeline, shapes
+    from launch.demo import scorer_config
 
+    scene = scorer_config(preset).spec
     spec = pipeline.StageSpec(resolution=resolution)
-    out = [pipeline.process_image(shapes.example(split, i, RENDER_RESOLUTION)["image"], spec,
-                                  None)["image"] for i in indices]
+    out = [pipeline.process_image(shapes.example(split, i, RENDER_RESOLUTION, spec=scene)["image"],
+                                  spec, None)["image"] for i in indices]
     return np.round((np.stack(out) + 1.0) * 127.5).astype(np.uint8)
 
 
@@ -113,28 +125,30 @@ def _encode(encoder: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]
 
 
 def build_data(workdir: str, num_train: int, num_eval: int, num_probe: int,
-               seed: int = 0) -> RaceData:
+               seed: int = 0, preset: str = "single") -> RaceData:
     """Renders the scenes, writes the demo's random T5 and encodes every caption (cached)."""
     from imagen_jax.data import shapes
     from imagen_jax.text import load_t5
     from imagen_jax.text.testing import write_random_t5
-    from launch.demo import heldout_prompts
+    from launch.demo import heldout_prompts, scorer_config
 
     os.makedirs(workdir, exist_ok=True)
-    captions = [shapes.sample_scene("train", i).caption for i in range(num_train)]
-    cache = os.path.join(workdir, f"images_{num_train}.npy")
+    scene = scorer_config(preset).spec
+    captions = [shapes.sample_scene("train", i, spec=scene).caption for i in range(num_train)]
+    cache = os.path.join(workdir, f"images_{preset}_{num_train}.npy")
     if os.path.exists(cache):
         images = np.load(cache)
     else:
-        images = render("train", range(num_train))
+        images = render("train", range(num_train), preset=preset)
         np.save(cache, images)
     t5_dir = os.path.join(workdir, "t5")
     if not os.path.exists(os.path.join(t5_dir, "config.json")):
         write_random_t5(t5_dir, texts=captions[:4000], vocab_size=T5_VOCAB_SIZE)
     encoder = load_t5(t5_dir, max_length=TEXT_LENGTH)
     embeds, masks = _encode(encoder, captions)
-    held = heldout_prompts(num_eval)
-    evals = {"heldout": (held, *_encode(encoder, held), render("heldout", range(num_eval))),
+    held = heldout_prompts(num_eval, preset)
+    evals = {"heldout": (held, *_encode(encoder, held),
+                         render("heldout", range(num_eval), preset=preset)),
              "train": (captions[:num_eval], embeds[:num_eval], masks[:num_eval],
                        images[:num_eval])}
     rng = np.random.default_rng([seed, 1 << 20])
@@ -142,7 +156,7 @@ def build_data(workdir: str, num_train: int, num_eval: int, num_probe: int,
     probe = {"x0": images[idx].astype(np.float32) / 127.5 - 1.0,
              "eps": rng.standard_normal(images[idx].shape).astype(np.float32),
              "embeds": embeds[idx], "masks": masks[idx]}
-    return RaceData(images, embeds, masks, captions, evals, probe)
+    return RaceData(images, embeds, masks, captions, evals, probe, preset)
 
 
 def space_to_depth(x: np.ndarray, patch: int) -> np.ndarray:
@@ -395,12 +409,13 @@ class TheirSide:
 def evaluate(side: Any, data: RaceData, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
     """({'probe': v-MSE per log-SNR, <eval set>: scores}, samples per eval set)."""
     from imagen_jax.eval import shapes_score
+    from launch.demo import scorer_config
 
     out: dict[str, Any] = {"probe": side.probe_loss(data.probe, PROBE_LOGSNRS)}
     samples = {}
     for name, (prompts, embeds, masks, _) in data.evals.items():
         samples[name] = side.sample(embeds, masks, seed)
-        scores = shapes_score.score(samples[name], prompts)
+        scores = shapes_score.score(samples[name], prompts, scorer_config(data.preset))
         out[name] = {k: round(float(scores[k]), 4) for k in SCORE_KEYS}
     return out, samples
 
@@ -542,7 +557,7 @@ def main(argv: list[str]) -> None:
     t0 = time.time()
     workdir = FLAGS.workdir or "/tmp/learning_race"
     data = build_data(workdir, FLAGS.num_train, FLAGS.num_eval, FLAGS.num_probe,
-                      FLAGS.seed)
+                      FLAGS.seed, FLAGS.preset)
     print(f"data ready in {time.time() - t0:.0f}s", flush=True)
     embed_shape = data.embeds.shape[1:]
     sides: list[Any] = [OurSide(n, b, (FLAGS.batch_size or 32), embed_shape, FLAGS.seed)
@@ -556,7 +571,7 @@ def main(argv: list[str]) -> None:
     with open(log_path, "w") as f:
         f.write(json.dumps({"flags": {k: getattr(FLAGS, k) for k in (
             "num_steps", "eval_every", "batch_size", "num_train", "num_eval", "ours", "theirs",
-            "their_dim", "their_min_snr", "seed")},
+            "their_dim", "their_min_snr", "seed", "preset")},
             "params": {s.name: s.num_params for s in sides}}) + "\n")
 
     def log(rec: dict) -> None:

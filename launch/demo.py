@@ -1,16 +1,19 @@
 r"""`make demo`: train a tiny three-stage cascade on the shapes dataset, sample, score, show.
 
-    python -m launch.demo [--out=demo_out] [--num_prompts=64] [--steps=1700,500,500]
-        [--gin.NAME=VALUE ...]   # applied to every stage, e.g. --gin.TrainConfig.batch_size=16
+    python -m launch.demo [--out=demo_out] [--preset=single|full] [--num_prompts=64]
+        [--steps=1700,500,500] [--gin.NAME=VALUE ...]   # gin applies to every stage
 
-1. renders the shapes dataset into a local tfds directory: `imagen_shapes/demo_<N>` at 128 px
-   (base and first SR stage) and the smaller `imagen_shapes/demo512_<M>` at 512 px (last stage);
+1. renders the shapes dataset into a local tfds directory: `imagen_shapes/demo_<preset>_<N>` at
+   128 px (base and first SR stage) and the smaller `imagen_shapes/demo512_<preset>_<M>` at
+   512 px (last stage). `--preset=single` (default): one object per scene, drawn large enough to
+   be legible at 32 px; `--preset=full`: half the scenes hold two objects and a relation (the
+   harder tier, for longer runs; default output directory `demo_out_full`);
 2. writes a small RANDOM T5 encoder (`imagen_jax.text.testing.write_random_t5`; no weights can
    be downloaded here) and caches the train captions' embeddings of both datasets;
 3. trains 32 px base -> 128 px SR -> 512 px SR (4x factors; both SR stages on 64 px crops, as the
    paper trains its 1024 stage on 256 crops) through the real trainer (`gin_configs/demo/*.gin`);
-4. samples the `heldout` prompts (attribute combinations never seen in training) with the
-   compiled cascade, scores every stage's images with the shapes adherence scorer, and writes
+4. samples the `heldout` prompts (colour-shape pairs never seen in training) with the compiled
+   cascade, scores every stage's images with the shapes adherence scorer, and writes
    `grid.png`, `index.html` (prompt, images and score side by side) and `results.json`;
 5. runs the two SR stages alone on the ground-truth 32 px images of the same prompts and scores
    them too: the SR stages should keep the content of whatever they are given.
@@ -40,12 +43,29 @@ sf.DEFINE_integer("num_train_512", 2000, "Training scenes to render at 512 px (l
 sf.DEFINE_list("steps", None, "Train steps per stage (base,sr128,sr512); default: gin files.")
 sf.DEFINE_integer("seed", 0, "Sampling seed.")
 sf.DEFINE_bool("retrain", False, "Delete existing checkpoints and train again.")
+sf.DEFINE_enum("preset", "single", ["single", "full"], "Scenes: 'single' (default) one object "
+               "per scene; 'full' also two-object relational scenes (the harder tier).")
 
 STAGES = ("base", "sr128", "sr512")
+
+
+def _scene_specs() -> dict[str, Any]:
+    """Scene geometry per preset. 'single': one object per scene (no relations), drawn larger
+    than the dataset default so that its shape stays legible at the 32 px base resolution
+    (small/large radius 4.2 / 6.7 px there instead of 3.0 / 6.1). 'full': the dataset's own
+    scenes (half of them two objects and a relation)."""
+    from imagen_jax.data import shapes
+
+    return {"single": shapes.SceneSpec(size_radius=(0.13, 0.21), position_offset=0.25,
+                                       jitter=0.03, pair_prob=0.0),
+            "full": shapes.DEFAULT_SPEC}
+
+
 # Two prepared datasets: the base and first SR stage need many scenes at <= 128 px, the last
 # stage a few at 512 px (rendering and decoding 512 px images for the base would cost minutes).
 # One tfds config per (dataset, training-set size).
-DATASETS = {"main": ("demo_{num_train}", 128), "hires": ("demo512_{num_train}", 512)}
+DATASETS = {"main": ("demo_{preset}_{num_train}", 128),
+            "hires": ("demo512_{preset}_{num_train}", 512)}
 STAGE_DATASET = {"base": "main", "sr128": "main", "sr512": "hires"}
 NUM_HELDOUT = {"main": 256, "hires": 16}
 T5_VOCAB_SIZE = 512
@@ -55,47 +75,60 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def dataset_name(dataset: str, num_train: int) -> str:
-    return f"imagen_shapes/{DATASETS[dataset][0].format(num_train=num_train)}"
+def dataset_name(dataset: str, num_train: int, preset: str = "single") -> str:
+    return f"imagen_shapes/{DATASETS[dataset][0].format(preset=preset, num_train=num_train)}"
 
 
-def prepare_dataset(data_dir: str, dataset: str, num_train: int) -> Any:
+def prepare_dataset(data_dir: str, dataset: str, num_train: int, preset: str = "single") -> Any:
     """Renders a demo config of `imagen_shapes` into ``data_dir`` (idempotent).
 
     The config is registered on the builder class at run time: it exists only for the demo.
     """
     import tensorflow_datasets as tfds
 
-    from imagen_jax.data import shapes_tfds
+    from imagen_jax.data import shapes, shapes_tfds
 
     template, resolution = DATASETS[dataset]
-    name = template.format(num_train=num_train)
+    name = template.format(preset=preset, num_train=num_train)
+    spec = _scene_specs()[preset]
     shapes_tfds.register_config(shapes_tfds.ShapesConfig(
-        name=name, description=f"make demo: {resolution} px, {num_train} train",
+        name=name, description=f"make demo ({preset}): {resolution} px, {num_train} train",
         resolution=resolution, num_train=num_train, num_heldout=NUM_HELDOUT[dataset],
+        spec=None if spec == shapes.DEFAULT_SPEC else spec,
     ))
     builder = tfds.builder(f"imagen_shapes/{name}", data_dir=data_dir)
     builder.download_and_prepare()
     return builder
 
 
-def heldout_prompts(n: int) -> list[str]:
+def heldout_prompts(n: int, preset: str = "single") -> list[str]:
     from imagen_jax.data import shapes
 
-    return [shapes.sample_scene("heldout", i).caption for i in range(n)]
+    spec = _scene_specs()[preset]
+    return [shapes.sample_scene("heldout", i, spec=spec).caption for i in range(n)]
 
 
-def heldout_images(n: int, resolution: int) -> Any:
+def heldout_images(n: int, resolution: int, preset: str = "single") -> Any:
     """Ground truth of the first ``n`` heldout prompts, uint8 [n, R, R, 3]."""
     import numpy as np
 
     from imagen_jax.data import shapes
 
-    return np.stack([shapes.example("heldout", i, resolution)["image"] for i in range(n)])
+    spec = _scene_specs()[preset]
+    return np.stack([shapes.example("heldout", i, resolution, spec=spec)["image"]
+                     for i in range(n)])
 
 
-def prepare_text(out: str, data_dir: str,
-                 num_train: dict[str, int]) -> tuple[str, dict[str, str], str]:
+def scorer_config(preset: str = "single") -> Any:
+    """The adherence scorer for a preset's scenes: the same scorer, told the scenes' geometry
+    (the anchors of the positions and the small/large radii)."""
+    from imagen_jax.eval import shapes_score
+
+    return shapes_score.ScorerConfig(spec=_scene_specs()[preset])
+
+
+def prepare_text(out: str, data_dir: str, num_train: dict[str, int],
+                 preset: str = "single") -> tuple[str, dict[str, str], str]:
     """Random T5 (spm on train captions) + an embedding cache per dataset:
     (t5 dir, {dataset: cache dir}, fingerprint)."""
     from imagen_jax.data import embed_cache, pipeline
@@ -105,7 +138,7 @@ def prepare_text(out: str, data_dir: str,
     t5_dir = os.path.join(out, "t5")
     encoder, cache_dirs = None, {}
     for dataset in DATASETS:
-        name = dataset_name(dataset, num_train[dataset])
+        name = dataset_name(dataset, num_train[dataset], preset)
         source = pipeline.SourceSpec(name=name, split="train", data_dir=data_dir)
         captions = pipeline.CaptionTable(source)
         if encoder is None:
@@ -134,10 +167,11 @@ def _text_length() -> int:
 
 
 def stage_bindings(stage: str, out: str, cache_dirs: dict[str, str], t5_dir: str,
-                   fingerprint: str, num_train: dict[str, int]) -> list[str]:
+                   fingerprint: str, num_train: dict[str, int],
+                   preset: str = "single") -> list[str]:
     dataset = STAGE_DATASET[stage]
     return [
-        f"SourceSpec.name = '{dataset_name(dataset, num_train[dataset])}'",
+        f"SourceSpec.name = '{dataset_name(dataset, num_train[dataset], preset)}'",
         f"DATA_DIR = '{os.path.join(out, 'tfds')}'",
         f"CACHE_DIR = '{cache_dirs[dataset]}'",
         f"T5_PATH = '{t5_dir}'",
@@ -174,18 +208,21 @@ def train_stage(name: str, workdir: str, bindings: Sequence[str], steps: int | N
     return seconds
 
 
-def score_stages(images: Sequence[Any], prompts: Sequence[str]) -> tuple[list[dict], list[list]]:
+def score_stages(images: Sequence[Any], prompts: Sequence[str],
+                 preset: str = "single") -> tuple[list[dict], list[list]]:
     """Adherence of every stage's images: (summary per stage, per-image results per stage)."""
     from imagen_jax.eval import shapes_score
 
-    per_image = [[shapes_score.score_image(im, p) for im, p in zip(stage_images, prompts)]
+    cfg = scorer_config(preset)
+    per_image = [[shapes_score.score_image(im, p, cfg) for im, p in zip(stage_images, prompts)]
                  for stage_images in images]
     return [shapes_score.summarize(results) for results in per_image], per_image
 
 
 def write_report(out: str, result: Any, names: Sequence[str], summaries: list[dict],
                  per_image: list[list], timings: dict[str, float],
-                 sr_from_truth: list[dict], truth_resolution: int) -> None:
+                 sr_from_truth: list[dict], truth_resolution: int,
+                 preset: str = "single") -> None:
     """grid.png (final images), index.html (prompt | stage images | score), results.json."""
     import base64
     import io
@@ -235,7 +272,9 @@ def write_report(out: str, result: Any, names: Sequence[str], summaries: list[di
 td.bad{{color:#c00}} img{{image-rendering:pixelated}} td,th{{padding:4px}}</style></head><body>
 <h1>imagen-jax <code>make demo</code>: heldout prompts</h1>
 <p>Tiny three-stage cascade trained from scratch on the procedural shapes dataset with a random
-T5. Heldout prompts combine colours and shapes never paired in training. Scores from
+T5 ({'one object per scene' if preset == 'single' else 'one or two objects per scene'};
+<code>--preset={preset}</code>). Heldout prompts combine colours and shapes never paired in
+training. Scores from
 <code>imagen_jax.eval.shapes_score</code>.</p><ul>{summary}</ul>
 <p>The super-resolution stages alone, fed the ground-truth {truth_resolution}px images of the
 same prompts (do they keep the content?):</p><ul>{truth}</ul>
@@ -245,7 +284,7 @@ same prompts (do they keep the content?):</p><ul>{truth}</ul>
     with open(os.path.join(out, "index.html"), "w", encoding="utf-8") as f:
         f.write(page)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"stages": list(names), "scores": summaries, "timings": timings,
+        json.dump({"preset": preset, "stages": list(names), "scores": summaries, "timings": timings,
                    "sr_from_ground_truth": sr_from_truth,
                    "prompts": result.prompts,
                    "exact": [[r.exact for r in stage] for stage in per_image]}, f, indent=2)
@@ -253,7 +292,7 @@ same prompts (do they keep the content?):</p><ul>{truth}</ul>
 
 def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_512: int = 2000,
         steps: Sequence[int] | None = None, bindings: Sequence[str] = (), seed: int = 0,
-        retrain: bool = False, progress: bool = True) -> dict[str, Any]:
+        retrain: bool = False, progress: bool = True, preset: str = "single") -> dict[str, Any]:
     """The whole demo; returns {'scores': per-stage summaries, 'sr_from_ground_truth': summaries
     of the SR stages fed the ground truth, 'timings': seconds, 'result': the CascadeOutput}."""
     from imagen_jax import cascade as cascade_lib
@@ -266,28 +305,38 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
     stage_dirs = [os.path.join(out, "stages", n) for n in STAGES]
     if retrain:
         shutil.rmtree(os.path.join(out, "stages"), ignore_errors=True)
+    # One preset per output directory: the checkpoints found there are reused as they are.
+    preset_file = os.path.join(out, "preset")
+    if os.path.isdir(os.path.join(out, "stages")) and os.path.exists(preset_file):
+        with open(preset_file) as f:
+            previous = f.read().strip()
+        if previous != preset:
+            raise ValueError(f"{out} holds a demo trained with --preset={previous}, not {preset}: "
+                             "pass another --out (or --retrain to replace it)")
+    with open(preset_file, "w") as f:
+        f.write(preset + "\n")
 
     sizes = {"main": num_train, "hires": num_train_512}
     t0 = time.perf_counter()
     for dataset, n in sizes.items():
-        prepare_dataset(os.path.join(out, "tfds"), dataset, n)
+        prepare_dataset(os.path.join(out, "tfds"), dataset, n, preset)
     timings["dataset_s"] = time.perf_counter() - t0
     _log(f"datasets ready ({timings['dataset_s']:.0f}s)")
 
     t0 = time.perf_counter()
-    t5_dir, cache_dirs, fingerprint = prepare_text(out, os.path.join(out, "tfds"), sizes)
+    t5_dir, cache_dirs, fingerprint = prepare_text(out, os.path.join(out, "tfds"), sizes, preset)
     timings["text_s"] = time.perf_counter() - t0
     _log(f"random T5 + embedding caches ready ({timings['text_s']:.0f}s)")
 
     for i, (name, workdir) in enumerate(zip(STAGES, stage_dirs)):
-        stage_gin = [*stage_bindings(name, out, cache_dirs, t5_dir, fingerprint, sizes),
+        stage_gin = [*stage_bindings(name, out, cache_dirs, t5_dir, fingerprint, sizes, preset),
                      *bindings]
         timings[f"train_{name}_s"] = train_stage(
             name, workdir, stage_gin, None if steps is None else int(steps[i]))
 
     t0 = time.perf_counter()
     cascade = cascade_lib.load_cascade(stage_dirs, t5_dir, mesh=partitioning.make_mesh())
-    prompts = heldout_prompts(num_prompts)
+    prompts = heldout_prompts(num_prompts, preset)
     result = cascade.sample(prompts, seed, progress=progress)
     timings["sample_s"] = time.perf_counter() - t0
     timings.update({f"cascade_{k}": v for k, v in result.timings.items()})
@@ -296,16 +345,16 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
     # apart from how well the base follows the prompt.
     t0 = time.perf_counter()
     base_resolution = cascade.stages[0].resolution
-    truth = heldout_images(len(prompts), base_resolution)
+    truth = heldout_images(len(prompts), base_resolution, preset)
     from_truth = cascade.sample(prompts, seed, lowres=truth, start=1, progress=progress)
-    sr_from_truth, _ = score_stages(from_truth.images, prompts)
+    sr_from_truth, _ = score_stages(from_truth.images, prompts, preset)
     timings["sample_sr_from_truth_s"] = time.perf_counter() - t0
 
-    summaries, per_image = score_stages(result.images, result.prompts)
+    summaries, per_image = score_stages(result.images, result.prompts, preset)
     names = [f"{s.name} {s.resolution}px" for s in cascade.stages]
     timings["total_s"] = time.perf_counter() - t_start
     write_report(out, result, names, summaries, per_image, timings, sr_from_truth,
-                 base_resolution)
+                 base_resolution, preset)
     _log("prompt adherence on heldout prompts (exact match = every attribute right):")
     for name, s in zip(names, summaries):
         _log(f"  {name:>12}: exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
@@ -337,9 +386,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.steps is not None and len(FLAGS.steps) != len(STAGES):
         raise app.UsageError(f"--steps needs {len(STAGES)} values ({','.join(STAGES)})")
-    run(FLAGS.out or "demo_out", num_prompts=FLAGS.num_prompts, num_train=FLAGS.num_train,
+    out = FLAGS.out or ("demo_out" if FLAGS.preset == "single" else f"demo_out_{FLAGS.preset}")
+    run(out, num_prompts=FLAGS.num_prompts, num_train=FLAGS.num_train,
         num_train_512=FLAGS.num_train_512, steps=FLAGS.steps,
-        bindings=_GIN_BINDINGS, seed=FLAGS.seed, retrain=FLAGS.retrain)
+        bindings=_GIN_BINDINGS, seed=FLAGS.seed, retrain=FLAGS.retrain, preset=FLAGS.preset)
 
 
 if __name__ == "__main__":

@@ -17,25 +17,48 @@ except ImportError:  # the references are a test extra; tests that need them fai
 
 import pytest  # noqa: E402
 
-# Modules whose tests mostly run subprocesses (launchers, several jax processes, kill/resume):
-# one xdist group, so that two of them never compete for the 2 CI cores at once. Every other
-# module is a group of its own, so module-scoped fixtures are built once per module.
-SUBPROCESS_HEAVY = {
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin made config._tmp_path_factory
+def pytest_configure(config):
+    """One persistent XLA compilation cache per test run, shared by both xdist workers and by
+    every subprocess the tests start (they inherit the variable): programs that several tests
+    compile alike (a resumed training run, the demo's second run, a launcher run twice) are
+    compiled once. It lives in pytest's own temporary root, which pytest prunes. Set here, not at
+    import time, because the temporary root is only known once pytest is configured; no test
+    module (and so no jax import) has been collected yet. A variable set by the caller wins."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    basetemp = config._tmp_path_factory.getbasetemp()
+    # xdist workers get <run root>/popen-gwN: the cache goes in the run root they share.
+    root = basetemp.parent if hasattr(config, "workerinput") else basetemp
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(root / "xla_cache")
+
+# The longest modules (about a minute or more each on 2 cores), longest first. `make test` runs
+# pytest-xdist with `--dist loadfile`: every module stays on one worker, so its module-scoped
+# fixtures are built once, and a worker takes the next module when it is free. Starting the long
+# ones first keeps one worker from finishing the run alone with a long module at the end.
+# (`--dist loadgroup` with xdist_group marks is not usable: with pytest 9 it silently groups
+# nothing, because xdist 3.8 renames `item._nodeid`, which pytest 9 no longer reads.)
+LONG_MODULES = (
+    "test_demo",
     "test_documented_commands",
-    "test_multihost",
-    "test_train_resume",
     "test_train_sharding",
-    "test_sample_launcher",
-    "test_pipeline_resume",
-    "test_t5_encode_text",
-}
+    "test_train_resume",
+    "test_device_check",
+    "test_learning_race",
+    "test_learning_regression",
+    "test_train_behaviours",
+    "test_checkpoint_incomplete",
+    "test_train_checkpoint",
+    "test_notebook",
+    "test_cascade",
+)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        group = "subprocess" if module in SUBPROCESS_HEAVY else module
-        item.add_marker(pytest.mark.xdist_group(group))
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
 
 
 @pytest.fixture(autouse=True)

@@ -126,6 +126,16 @@ def test_losses_uniform_and_min_snr(prediction):
     weighted = D.loss_per_example(pred, x0, eps, t, sched, prediction, weighting="min_snr")
     np.testing.assert_allclose(weighted, mse * weight, rtol=1e-4)
     assert np.all(np.isfinite(D.min_snr_weight(jnp.array([-20.0, 0.0, 20.0]), prediction)))
+    # The clipped SNR+1 weighting: x0-space weight min(snr, 5) + 1 (Salimans & Ho's SNR+1,
+    # clipped like min-SNR); on v it is exactly 1 below snr = 5.
+    plus_one = base + 1.0
+    weight = {"eps": plus_one / snr, "v": plus_one / (snr + 1), "x0": plus_one}[prediction]
+    weighted = D.loss_per_example(pred, x0, eps, t, sched, prediction,
+                                  weighting="min_snr_plus_one")
+    np.testing.assert_allclose(weighted, mse * weight, rtol=1e-4)
+    if prediction == "v":
+        low = jnp.array([-20.0, -5.0, 0.0, np.log(5.0) - 1e-3])
+        np.testing.assert_allclose(D.min_snr_plus_one_weight(low, "v"), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="loss weighting"):
         D.loss_per_example(pred, x0, eps, t, sched, prediction, weighting="snr")
 

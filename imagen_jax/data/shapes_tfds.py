@@ -51,12 +51,17 @@ FILE_FORMAT = "array_record"
 
 @dataclasses.dataclass
 class ShapesConfig(tfds.core.BuilderConfig):
-    """One prepared variant: resolution, example counts and generator seed."""
+    """One prepared variant: resolution, example counts, generator seed and scene geometry.
+
+    ``spec`` None is `shapes.DEFAULT_SPEC` (one or two objects); `launch.demo` prepares its
+    single-object scenes with its own spec.
+    """
 
     resolution: int = 64
     num_train: int = 50_000
     num_heldout: int = 2_000
     seed: int = 0
+    spec: shapes.SceneSpec | None = None
 
 
 def _config(name: str, resolution: int, num_train: int, num_heldout: int) -> ShapesConfig:
@@ -128,7 +133,7 @@ class ImagenShapes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ =
     def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict]]:
         cfg = self.builder_config
         for index in range(num):
-            record = shapes.example(split, index, cfg.resolution, cfg.seed)
+            record = shapes.example(split, index, cfg.resolution, cfg.seed, cfg.spec)
             # A PIL image is PNG-encoded by PIL; a numpy array would go through a TF graph
             # (slower per image, and it imports TensorFlow only to encode).
             record["image"] = Image.fromarray(record["image"])

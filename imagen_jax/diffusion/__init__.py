@@ -12,7 +12,12 @@ from imagen_jax.diffusion.guidance import (
     guided_model_fn,
     with_null_condition,
 )
-from imagen_jax.diffusion.losses import WEIGHTINGS, loss_per_example, min_snr_weight
+from imagen_jax.diffusion.losses import (
+    WEIGHTINGS,
+    loss_per_example,
+    min_snr_plus_one_weight,
+    min_snr_weight,
+)
 from imagen_jax.diffusion.noise_aug import noise_augment, random_aug_level
 from imagen_jax.diffusion.predictions import (
     PREDICTIONS,
@@ -57,6 +62,7 @@ __all__ = [
     "SCHEDULES",
     "THRESHOLDINGS",
     "WEIGHTINGS",
+    "min_snr_plus_one_weight",
     "CosineSchedule",
     "GaussianMixture1D",
     "LinearBetaSchedule",

@@ -1,4 +1,4 @@
-"""Per-example denoising losses: MSE on the prediction target, uniform or min-SNR weighted."""
+"""Per-example denoising losses: MSE on the prediction target, uniform or SNR-clipped weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from imagen_jax.diffusion.schedules import Schedule
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
-WEIGHTINGS = ("uniform", "min_snr")
+WEIGHTINGS = ("uniform", "min_snr", "min_snr_plus_one")
 
 
 def min_snr_weight(logsnr: ArrayLike, prediction: str, gamma: float = 5.0) -> Array:
@@ -34,6 +34,28 @@ def min_snr_weight(logsnr: ArrayLike, prediction: str, gamma: float = 5.0) -> Ar
     return jnp.minimum(jnp.exp(logsnr), gamma)
 
 
+def min_snr_plus_one_weight(logsnr: ArrayLike, prediction: str, gamma: float = 5.0) -> Array:
+    """The x0-space weight ``min(snr, gamma) + 1`` for a loss on ``prediction``.
+
+    Salimans & Ho (2022, Sec. 4)'s "SNR+1" weighting, which a plain v-MSE is, clipped at
+    ``gamma + 1`` the way min-SNR clips ``snr`` (Hang et al. 2023). Below ``snr = gamma`` it IS
+    the plain v-MSE (weight 1 on v), so the high-noise end that decides global colour keeps its
+    weight; above it the nearly clean inputs, which min-SNR down-weights, are down-weighted
+    alike. In each target's terms: ``(min(snr, gamma) + 1) / snr`` (eps),
+    ``(min(snr, gamma) + 1) / (snr + 1)`` (v) and ``min(snr, gamma) + 1`` (x0).
+    """
+    check_prediction(prediction)
+    if not gamma > 0:
+        raise ValueError(f"min_snr_gamma={gamma} must be positive (Hang et al. 2023 use 5)")
+    logsnr = jnp.asarray(logsnr, jnp.float32)
+    x0_weight = jnp.minimum(jnp.exp(logsnr), gamma) + 1.0
+    if prediction == "eps":
+        return x0_weight * jnp.exp(-logsnr)
+    if prediction == "v":
+        return x0_weight * jax.nn.sigmoid(-logsnr)  # / (snr + 1)
+    return x0_weight
+
+
 def loss_per_example(
     pred: Array,
     x0: Array,
@@ -47,7 +69,8 @@ def loss_per_example(
     """Weighted mean squared error per example, float32 [B].
 
     ``weighting='uniform'`` is the paper's plain MSE on the target (App. A: eps-MSE);
-    ``'min_snr'`` multiplies it by `min_snr_weight` (gamma 5 by default).
+    ``'min_snr'`` multiplies it by `min_snr_weight`, ``'min_snr_plus_one'`` by
+    `min_snr_plus_one_weight` (gamma 5 by default).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
@@ -63,4 +86,5 @@ def loss_per_example(
     if weighting == "uniform":
         return mse
     logsnr = jnp.broadcast_to(schedule.logsnr(t), mse.shape)
-    return mse * min_snr_weight(logsnr, prediction, min_snr_gamma)
+    weight_fn = min_snr_weight if weighting == "min_snr" else min_snr_plus_one_weight
+    return mse * weight_fn(logsnr, prediction, min_snr_gamma)

@@ -15,8 +15,9 @@ from typing import Any
 import flax.linen as nn
 import gin
 
+from imagen_jax.diffusion.losses import WEIGHTINGS as LOSS_WEIGHTINGS  # the one definition
+
 PREDICTIONS = ("eps", "v", "x0")
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
 @gin.configurable
