@@ -41,11 +41,6 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-# torch's OpenMP workers spin-wait after each parallel region (libgomp's default ACTIVE policy);
-# in one process that alternates torch and XLA steps, the spinning threads take a core from the
-# XLA step that follows. PASSIVE makes them sleep at once (must be set before torch loads).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS

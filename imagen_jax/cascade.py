@@ -37,11 +37,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from imagen_jax import partitioning
+from imagen_jax.diffusion.predictions import PREDICTIONS
 
 PyTree = Any
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
-THRESHOLDINGS = ("none", "static", "dynamic")
-PREDICTIONS = ("eps", "v", "x0")
 
 log = logging.getLogger(__name__)
 

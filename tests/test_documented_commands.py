@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 from absl import flags
 
+from tests.support import FAST_XLA
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MARKER = re.compile(r"#\s*needs (a pod|real weights|a GPU)\b")
@@ -38,7 +40,6 @@ TRAIN_OVERRIDES = (f"--gin.TrainConfig.num_steps={TRAIN_STEPS}",
                    "--gin.CheckpointConfig.save_every=3", "--gin.CheckpointConfig.keep=2",
                    "--gin.TrainConfig.log_every=3")
 COMMAND_TIMEOUT_S = 420
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _fenced_blocks(text: str) -> list[tuple[str, str]]:

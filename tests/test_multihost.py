@@ -20,20 +20,16 @@ import pytest
 
 from imagen_jax.data import shapes_tfds
 from tests import multihost_worker as worker
+from tests.support import REPO, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Cheap CPU compiles; all three workers use the same flags, so their programs compare alike.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TIMEOUT_S = 300  # all three workers together (pytest-timeout allows 600 s per test)
 # Three jax processes (about 30 s of CPU in all): part of `make test`, marked as long-running.
 pytestmark = pytest.mark.slow
 
 
 def _env(num_devices: int) -> dict:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {FAST_XLA}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-    return env
+    # Cheap CPU compiles; all three workers use the same flags, so their programs compare alike.
+    return subprocess_env(num_devices)
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.support import REPO, subprocess_env
+from tests.support import REPO, leaves_equal, subprocess_env
 
 # The tiny base stage with synthetic in-memory data (no tfds / T5 preparation in tests).
 TINY_BASE = [
@@ -70,15 +70,6 @@ def steps_of(workdir):
     return sorted(int(s) for s in os.listdir(d) if s.isdigit())
 
 
-def assert_trees_equal(a, b):
-    import jax
-
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 STEPS = ["--gin.TrainConfig.num_steps=20", "--gin.CheckpointConfig.save_every=5",
          "--gin.CheckpointConfig.keep=10"]
 
@@ -103,9 +94,9 @@ def test_kill9_then_restart_matches_uninterrupted_run(uninterrupted, tmp_path, c
     assert max(steps_of(workdir)) == 20
     a, b = saved_state(uninterrupted, 20), saved_state(workdir, 20)
     assert int(np.asarray(b["step"])) == 20
-    assert_trees_equal(a["params"], b["params"])
-    assert_trees_equal(a["ema_params"], b["ema_params"])
-    assert_trees_equal(a["opt_state"], b["opt_state"])
+    leaves_equal(a["params"], b["params"])
+    leaves_equal(a["ema_params"], b["ema_params"])
+    leaves_equal(a["opt_state"], b["opt_state"])
     # The metrics log shows both runs, and the run's config is saved with the checkpoint.
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         assert len(f.readlines()) >= 4
@@ -159,7 +150,7 @@ def test_two_process_training_restores_in_one_process(tmp_path, cache_env):
     ckpt.close()
     gin.clear_config()
     assert int(restored.step) == 5
-    assert_trees_equal(restored.params, raw["params"])
-    assert_trees_equal(ema, raw["ema_params"])
+    leaves_equal(restored.params, raw["params"])
+    leaves_equal(ema, raw["ema_params"])
     assert not all(np.array_equal(a, b) for a, b in
                    zip(jax.tree.leaves(raw["params"]), jax.tree.leaves(raw["ema_params"])))

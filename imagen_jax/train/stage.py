@@ -15,9 +15,9 @@ from typing import Any
 import flax.linen as nn
 import gin
 
-from imagen_jax.diffusion.losses import WEIGHTINGS as LOSS_WEIGHTINGS  # the one definition
-
-PREDICTIONS = ("eps", "v", "x0")
+# The one definition of each list.
+from imagen_jax.diffusion.losses import WEIGHTINGS as LOSS_WEIGHTINGS
+from imagen_jax.diffusion.predictions import PREDICTIONS
 
 
 @gin.configurable

@@ -1,0 +1,47 @@
+"""Each list of valid settings is defined once in the package; every other module imports it.
+
+A second copy drifts (a new prediction or weighting accepted in one place and refused in
+another), so the literal tuples must occur exactly once under imagen_jax/ and launch/.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from imagen_jax.diffusion import losses, predictions, settings, thresholding
+from imagen_jax.train import stage
+
+REPO = Path(__file__).resolve().parents[1]
+LISTS = {
+    "predictions": (predictions.PREDICTIONS, "imagen_jax/diffusion/predictions.py"),
+    "samplers": (settings.SAMPLERS, "imagen_jax/diffusion/settings.py"),
+    "thresholdings": (thresholding.THRESHOLDINGS, "imagen_jax/diffusion/thresholding.py"),
+    "loss weightings": (losses.WEIGHTINGS, "imagen_jax/diffusion/losses.py"),
+}
+
+
+def _tuple_literals(values: tuple[str, ...]) -> list[str]:
+    """'path:line' of every tuple or list literal in the package equal to ``values``."""
+    hits = []
+    for path in sorted([*REPO.glob("imagen_jax/**/*.py"), *REPO.glob("launch/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List)) and node.elts and all(
+                    isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+                if tuple(e.value for e in node.elts) == tuple(values):
+                    hits.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return hits
+
+
+@pytest.mark.parametrize("name", LISTS)
+def test_each_settings_list_is_written_once(name):
+    values, home = LISTS[name]
+    hits = _tuple_literals(values)
+    assert len(hits) == 1 and hits[0].startswith(home + ":"), (name, hits)
+
+
+def test_the_stage_record_reads_the_diffusion_lists():
+    assert stage.PREDICTIONS is predictions.PREDICTIONS
+    assert stage.LOSS_WEIGHTINGS is losses.WEIGHTINGS
