@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from imagen_jax import partitioning
+from imagen_jax.data.images import uint8_to_unit, unit_to_uint8
 from imagen_jax.diffusion.predictions import PREDICTIONS
 
 PyTree = Any
@@ -420,7 +421,7 @@ def to_uint8(images: np.ndarray | jax.Array) -> np.ndarray:
         raise CascadeError(
             f"images {bad[:8]} hold NaN/Inf values; refusing to turn them into black pixels"
         )
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return unit_to_uint8(x)
 
 
 def from_uint8(images: np.ndarray) -> np.ndarray:
@@ -431,7 +432,7 @@ def from_uint8(images: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(images)
     if x.dtype == np.uint8:
-        return x.astype(np.float32) / 127.5 - 1.0
+        return uint8_to_unit(x)
     x = x.astype(np.float32)
     bad = _non_finite_images(x)
     if bad:

@@ -370,17 +370,6 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
             "result": result}
 
 
-_GIN_BINDINGS: list[str] = []
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    from imagen_jax.gin_utils import rewrite_flag_bindings
-
-    rest, bindings = rewrite_flag_bindings(argv)
-    _GIN_BINDINGS[:] = bindings
-    return FLAGS(rest)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -389,8 +378,8 @@ def main(argv: list[str]) -> None:
     out = FLAGS.out or ("demo_out" if FLAGS.preset == "single" else f"demo_out_{FLAGS.preset}")
     run(out, num_prompts=FLAGS.num_prompts, num_train=FLAGS.num_train,
         num_train_512=FLAGS.num_train_512, steps=FLAGS.steps,
-        bindings=_GIN_BINDINGS, seed=FLAGS.seed, retrain=FLAGS.retrain, preset=FLAGS.preset)
+        bindings=sf.GIN_BINDINGS, seed=FLAGS.seed, retrain=FLAGS.retrain, preset=FLAGS.preset)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=sf.parse_flags)

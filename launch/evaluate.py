@@ -364,10 +364,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     from imagen_jax import gin_utils
 
     try:
-        rest, bindings = gin_utils.rewrite_flag_bindings(argv)
-        rest = FLAGS(rest)
-        if bindings or FLAGS.gin_file:
-            gin_utils.parse(FLAGS.gin_file, bindings)
+        rest = sf.parse_flags(argv)
+        if sf.GIN_BINDINGS or FLAGS.gin_file:
+            gin_utils.parse(FLAGS.gin_file, sf.GIN_BINDINGS)
     except gin_utils.GinConfigError as e:
         raise sf.one_line_exit("launch.evaluate", e) from None
     return rest

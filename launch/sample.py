@@ -167,23 +167,11 @@ def run(argv_bindings: list[str]) -> dict:
     return record
 
 
-_GIN_BINDINGS: list[str] = []
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parser that first takes ``--gin.NAME=VALUE`` out of argv (t5x style)."""
-    from imagen_jax.gin_utils import rewrite_flag_bindings
-
-    rest, bindings = rewrite_flag_bindings(argv)
-    _GIN_BINDINGS[:] = bindings
-    return FLAGS(rest)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; gin bindings are --gin.NAME=VALUE")
-    run(_GIN_BINDINGS)
+    run(sf.GIN_BINDINGS)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=sf.parse_flags)

@@ -52,3 +52,19 @@ def one_line_exit(prog: str, error: BaseException) -> SystemExit:
     """
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return SystemExit(f"{prog}: {text or type(error).__name__}")
+
+
+# The `--gin.NAME=VALUE` bindings of the launcher this process runs (t5x style), filled by
+# `parse_flags`; a launcher hands them to gin after its own flags are known.
+GIN_BINDINGS: list[str] = []
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flags parser for ``app.run(main, flags_parser=parse_flags)``: takes the
+    ``--gin.NAME=VALUE`` arguments out of ``argv`` into `GIN_BINDINGS`, parses the rest as absl
+    flags and returns the remaining positional arguments."""
+    from imagen_jax.gin_utils import rewrite_flag_bindings
+
+    rest, bindings = rewrite_flag_bindings(argv)
+    GIN_BINDINGS[:] = bindings
+    return flags.FLAGS(rest)

@@ -27,16 +27,6 @@ sf.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-hos
 sf.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 sf.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
-_GIN_BINDINGS: list[str] = []
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parser that first takes `--gin.NAME=VALUE` out of argv (t5x style)."""
-    rest, bindings = gin_utils.rewrite_flag_bindings(argv)
-    _GIN_BINDINGS[:] = bindings
-    return FLAGS(rest)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; gin bindings are --gin.NAME=VALUE")
@@ -57,7 +47,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger("imagen_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames
     try:
-        gin_utils.parse(FLAGS.gin_file, _GIN_BINDINGS, FLAGS.gin_search_paths)
+        gin_utils.parse(FLAGS.gin_file, sf.GIN_BINDINGS, FLAGS.gin_search_paths)
     except gin_utils.GinConfigError as e:
         raise SystemExit(f"launch.train: {e}") from None
     from imagen_jax.train.checkpoint import CheckpointMismatchError
@@ -72,4 +62,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=sf.parse_flags)

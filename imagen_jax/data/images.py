@@ -67,3 +67,16 @@ def read_rgb(source: str | bytes | os.PathLike, what: str | None = None) -> np.n
     what = what or f"image {os.fspath(source)!r}"
     with Image.open(source) as im:
         return pil_to_rgb(im, what)
+
+
+def uint8_to_unit(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels [0, 255] (any shape) -> float32 in [-1, 1], the models' convention."""
+    return np.asarray(pixels, np.float32) / 127.5 - 1.0
+
+
+def unit_to_uint8(x: np.ndarray) -> np.ndarray:
+    """Floats in [-1, 1] (any shape) -> uint8 pixels, rounded and clipped to [0, 255].
+
+    The caller checks finiteness first where it matters (`check_finite`): NaN casts to 0 here.
+    """
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -33,7 +33,12 @@ import numpy as np
 from PIL import Image
 
 from imagen_jax.data.embed_cache import EmbeddingCache
-from imagen_jax.data.images import NonFiniteImageError, check_finite, read_rgb
+from imagen_jax.data.images import (
+    NonFiniteImageError,
+    check_finite,
+    read_rgb,
+    uint8_to_unit,
+)
 
 # Keys of the per-batch skip counters that travel from the workers to the main process.
 _SKIP_REASONS = ("too_small", "unreadable")
@@ -377,10 +382,10 @@ def process_image(
     else:
         top, left = (new_h - res) // 2, (new_w - res) // 2
     crop = image[top : top + res, left : left + res]  # uint8 [R, R, 3]
-    out = {"image": crop.astype(np.float32) / 127.5 - 1.0}
+    out = {"image": uint8_to_unit(crop)}
     if stage.lowres_resolution is not None:
         r = stage.lowres_resolution
-        out["lowres"] = _resize(crop, r, r, stage.resize_method).astype(np.float32) / 127.5 - 1.0
+        out["lowres"] = uint8_to_unit(_resize(crop, r, r, stage.resize_method))
     return out
 
 

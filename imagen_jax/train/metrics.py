@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from imagen_jax.data.images import uint8_to_unit, unit_to_uint8
+
 # --------------------------------------------------------------------------- protobuf + TFRecord
 
 _CRC32C_TABLE = []
@@ -198,7 +200,7 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     """[N, H, W, 3] floats in [-1, 1] (the model convention) or uint8 -> one uint8 grid image."""
     images = np.asarray(images)
     if images.dtype == np.uint8:  # already pixels (e.g. CascadeOutput.images): map to [-1, 1]
-        images = images.astype(np.float32) / 127.5 - 1.0
+        images = uint8_to_unit(images)
     images = images.astype(np.float32)
     n, h, w, c = images.shape
     columns = columns or int(math.ceil(math.sqrt(n)))
@@ -207,4 +209,4 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     for i, img in enumerate(images):
         r, col = divmod(i, columns)
         grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
-    return np.clip(np.round((grid + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return unit_to_uint8(grid)
