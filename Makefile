@@ -35,7 +35,7 @@ lint: $(VENV)/.setup-test
 
 test: $(VENV)/.setup-test
 	$(PY) -m ruff check .
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(VENV)/.setup-test
 	JAX_PLATFORMS=cpu $(PY) -m bench.run_all

@@ -36,7 +36,9 @@ def pytest_configure(config):
 # The longest modules (about a minute or more each on 2 cores), longest first. `make test` runs
 # pytest-xdist with `--dist loadfile`: every module stays on one worker, so its module-scoped
 # fixtures are built once, and a worker takes the next module when it is free. Starting the long
-# ones first keeps one worker from finishing the run alone with a long module at the end.
+# ones first keeps one worker from finishing the run alone with a long module at the end
+# (`--no-loadscope-reorder` keeps this order: by default xdist sorts modules by their number of
+# tests, which puts these few-test modules last).
 # (`--dist loadgroup` with xdist_group marks is not usable: with pytest 9 it silently groups
 # nothing, because xdist 3.8 renames `item._nodeid`, which pytest 9 no longer reads.)
 LONG_MODULES = (
