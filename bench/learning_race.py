@@ -104,9 +104,9 @@ def render(split: str, indices: Sequence[int], resolution: int = RESOLUTION,
            preset: str = "single") -> np.ndarray:
     """The demo's base-stage images: rendered at 128 px, bicubic-resized like the pipeline."""
     from imagen_jax.data import pipeline, shapes
-    from launch.demo import scorer_config
+    from launch.demo import scene_spec
 
-    scene = scorer_config(preset).spec
+    scene = scene_spec(preset)
     spec = pipeline.StageSpec(resolution=resolution)
     out = [pipeline.process_image(shapes.example(split, i, RENDER_RESOLUTION, spec=scene)["image"],
                                   spec, None)["image"] for i in indices]
@@ -125,10 +125,10 @@ def build_data(workdir: str, num_train: int, num_eval: int, num_probe: int,
     from imagen_jax.data import shapes
     from imagen_jax.text import load_t5
     from imagen_jax.text.testing import write_random_t5
-    from launch.demo import heldout_prompts, scorer_config
+    from launch.demo import heldout_prompts, scene_spec
 
     os.makedirs(workdir, exist_ok=True)
-    scene = scorer_config(preset).spec
+    scene = scene_spec(preset)
     captions = [shapes.sample_scene("train", i, spec=scene).caption for i in range(num_train)]
     cache = os.path.join(workdir, f"images_{preset}_{num_train}.npy")
     if os.path.exists(cache):

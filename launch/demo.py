@@ -49,16 +49,16 @@ sf.DEFINE_enum("preset", "single", ["single", "full"], "Scenes: 'single' (defaul
 STAGES = ("base", "sr128", "sr512")
 
 
-def _scene_specs() -> dict[str, Any]:
-    """Scene geometry per preset. 'single': one object per scene (no relations), drawn larger
-    than the dataset default so that its shape stays legible at the 32 px base resolution
+def scene_spec(preset: str = "single") -> Any:
+    """The `shapes.SceneSpec` of a preset. 'single': one object per scene (no relations), drawn
+    larger than the dataset default so that its shape stays legible at the 32 px base resolution
     (small/large radius 4.2 / 6.7 px there instead of 3.0 / 6.1). 'full': the dataset's own
     scenes (half of them two objects and a relation)."""
     from imagen_jax.data import shapes
 
     return {"single": shapes.SceneSpec(size_radius=(0.13, 0.21), position_offset=0.25,
                                        jitter=0.03, pair_prob=0.0),
-            "full": shapes.DEFAULT_SPEC}
+            "full": shapes.DEFAULT_SPEC}[preset]
 
 
 # Two prepared datasets: the base and first SR stage need many scenes at <= 128 px, the last
@@ -90,7 +90,7 @@ def prepare_dataset(data_dir: str, dataset: str, num_train: int, preset: str = "
 
     template, resolution = DATASETS[dataset]
     name = template.format(preset=preset, num_train=num_train)
-    spec = _scene_specs()[preset]
+    spec = scene_spec(preset)
     shapes_tfds.register_config(shapes_tfds.ShapesConfig(
         name=name, description=f"make demo ({preset}): {resolution} px, {num_train} train",
         resolution=resolution, num_train=num_train, num_heldout=NUM_HELDOUT[dataset],
@@ -104,7 +104,7 @@ def prepare_dataset(data_dir: str, dataset: str, num_train: int, preset: str = "
 def heldout_prompts(n: int, preset: str = "single") -> list[str]:
     from imagen_jax.data import shapes
 
-    spec = _scene_specs()[preset]
+    spec = scene_spec(preset)
     return [shapes.sample_scene("heldout", i, spec=spec).caption for i in range(n)]
 
 
@@ -114,7 +114,7 @@ def heldout_images(n: int, resolution: int, preset: str = "single") -> Any:
 
     from imagen_jax.data import shapes
 
-    spec = _scene_specs()[preset]
+    spec = scene_spec(preset)
     return np.stack([shapes.example("heldout", i, resolution, spec=spec)["image"]
                      for i in range(n)])
 
@@ -124,7 +124,7 @@ def scorer_config(preset: str = "single") -> Any:
     (the anchors of the positions and the small/large radii)."""
     from imagen_jax.eval import shapes_score
 
-    return shapes_score.ScorerConfig(spec=_scene_specs()[preset])
+    return shapes_score.ScorerConfig(spec=scene_spec(preset))
 
 
 def prepare_text(out: str, data_dir: str, num_train: dict[str, int],

@@ -61,7 +61,7 @@ def train_and_score(out: str, bindings: list[str] = BINDINGS, steps: int = STEPS
     cfg = demo.scorer_config()
     # Training prompts that name the background, so every prompt checks it (half of the captions
     # do): 32 background verdicts rather than ~16.
-    scenes = (shapes.sample_scene("train", i, spec=cfg.spec) for i in range(NUM_TRAIN))
+    scenes = (shapes.sample_scene("train", i, spec=demo.scene_spec()) for i in range(NUM_TRAIN))
     prompts = [s.caption for s in scenes if s.mentions_background][:NUM_PROMPTS]
     images = cascade_lib.load_cascade([workdir], t5_dir).sample(prompts, 0, progress=False)
     return shapes_score.score(images.images[0], prompts, cfg)

@@ -44,16 +44,14 @@ def min_snr_plus_one_weight(logsnr: ArrayLike, prediction: str, gamma: float = 5
     alike. In each target's terms: ``(min(snr, gamma) + 1) / snr`` (eps),
     ``(min(snr, gamma) + 1) / (snr + 1)`` (v) and ``min(snr, gamma) + 1`` (x0).
     """
-    check_prediction(prediction)
-    if not gamma > 0:
-        raise ValueError(f"min_snr_gamma={gamma} must be positive (Hang et al. 2023 use 5)")
+    clipped = min_snr_weight(logsnr, prediction, gamma)  # checks prediction and gamma
     logsnr = jnp.asarray(logsnr, jnp.float32)
-    x0_weight = jnp.minimum(jnp.exp(logsnr), gamma) + 1.0
+    # The x0-space weight 1 in the target's terms: 1 / snr, 1 / (snr + 1), 1.
     if prediction == "eps":
-        return x0_weight * jnp.exp(-logsnr)
+        return clipped + jnp.exp(-logsnr)
     if prediction == "v":
-        return x0_weight * jax.nn.sigmoid(-logsnr)  # / (snr + 1)
-    return x0_weight
+        return clipped + jax.nn.sigmoid(-logsnr)
+    return clipped + 1.0
 
 
 def loss_per_example(
