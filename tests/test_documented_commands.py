@@ -200,12 +200,15 @@ def test_quick_tour_runs_resumes_and_samples(tmp_path, record_property):
         if " launch.train " in f" {cmd} ":
             cmd = f"{cmd} {' '.join(TRAIN_OVERRIDES)}"
             if not trained_with_kill:
+                start = time.monotonic()
                 _train_with_kill(cmd, tmp_path)
                 trained_with_kill = True
-                ran.append(cmd + "   (killed after a checkpoint, rerun: resumed)")
+                ran.append(f"{time.monotonic() - start:6.1f} s  {cmd}"
+                           "   (killed after a checkpoint, rerun: resumed)")
                 continue
+        start = time.monotonic()
         _run(cmd, tmp_path)
-        ran.append(cmd)
+        ran.append(f"{time.monotonic() - start:6.1f} s  {cmd}")
     assert trained_with_kill
     samples = sorted((tmp_path / "runs" / "samples").glob("*.png"))
     assert len(samples) >= 3, samples  # 2 images + the prompt's grid
