@@ -15,6 +15,7 @@ CORE = [
     "safetensors>=0.4",
     "tensorstore>=0.1.60",
     "tqdm>=4.66",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "matplotlib>=3.8",
 ]
 DATA = [
@@ -52,9 +53,13 @@ setup(
     python_requires=">=3.10",
     # imagen_jax/assets (the DrawBench prompts) is a data-only package: listed explicitly, since
     # find_packages skips folders without __init__.py and setuptools warns about ambiguous data.
+    # gin_configs/ ships inside the package as imagen_jax/gin_configs (also data-only), so an
+    # installed launcher finds `--gin_file=base64.gin` by name from any directory.
     packages=find_packages(include=["imagen_jax", "imagen_jax.*", "launch"])
-    + ["imagen_jax.assets"],
-    package_data={"imagen_jax.assets": ["*.csv", "*.md"]},
+    + ["imagen_jax.assets", "imagen_jax.gin_configs"],
+    package_dir={"imagen_jax.gin_configs": "gin_configs"},
+    package_data={"imagen_jax.assets": ["*.csv", "*.md"],
+                  "imagen_jax.gin_configs": ["*.gin", "*/*.gin", "*/*/*.gin"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require={"data": DATA, "test": TEST + DATA, "bench": REFERENCES + DATA},

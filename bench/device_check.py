@@ -329,7 +329,8 @@ def load_stage(gin_file: str, bindings: Sequence[str] = (), dtype: str = "bfloat
             gin_utils.parse([gin_file], bindings, finalize=False)
         else:
             import imagen_jax.nn.presets  # noqa: F401 - registers the U-Net presets
-            from imagen_jax.train import optim, stage, step  # noqa: F401 - registers them too
+            from imagen_jax import stage  # noqa: F401 - registers Stage, SamplingConfig
+            from imagen_jax.train import optim, step  # noqa: F401 - registers them too
 
             for path in (REPO_ROOT, gin_utils.GIN_CONFIG_DIR):
                 if path not in getattr(gin.config, "_LOCATION_PREFIXES", ()):
@@ -339,8 +340,8 @@ def load_stage(gin_file: str, bindings: Sequence[str] = (), dtype: str = "bfloat
     finally:
         logging.disable(logging.NOTSET)
     try:
+        from imagen_jax.stage import Stage
         from imagen_jax.train import optim, step
-        from imagen_jax.train.stage import Stage
 
         built = Stage()
         model = built.model.clone(dtype=dtype, param_dtype="float32")
@@ -933,11 +934,11 @@ def run_cascade_part(ctx: PartContext, preset: Preset, seed: int) -> None:
     stages = []
     for i, (gin_file, bindings) in enumerate(preset.cascade_gin):
         train_stage = load_stage(gin_file, bindings, preset.dtype)["stage"]
-        stages.append(cascade.CascadeStage.from_train_stage(train_stage, name=f"stage{i}"))
+        stages.append(train_stage.replace(name=f"stage{i}"))
     params = []
     for i, s in enumerate(stages):
         shardings = cascade.param_shardings(s, mesh, rules)
-        abstract = nn.meta.unbox(cascade.abstract_params(s, s.text_embed_dim))
+        abstract = nn.meta.unbox(cascade.abstract_params(s))
         params.append(random_params(abstract, shardings, seed + i))
     with tempfile.TemporaryDirectory() as tmp:
         enc = random_t5(preset.t5_size, preset.t5_vocab, preset.dtype, preset.text_length,
@@ -965,11 +966,11 @@ def run_cascade_part(ctx: PartContext, preset: Preset, seed: int) -> None:
                       jax.ShapeDtypeStruct((1, preset.text_length, s.text_embed_dim), f32),
                       jax.ShapeDtypeStruct((1, preset.text_length), jnp.bool_)]
             kwargs = {}
-            if s.is_sr:
+            if s.is_super_res:
                 lr = s.lowres_resolution
                 kwargs = dict(lowres=jax.ShapeDtypeStruct((1, lr, lr, 3), f32),
                               aug_level=jax.ShapeDtypeStruct((1,), f32))
-            abstract = {"params": nn.meta.unbox(cascade.abstract_params(s, s.text_embed_dim))}
+            abstract = {"params": nn.meta.unbox(cascade.abstract_params(s))}
             f = cpu_flops(lambda v, *a, s=s, **k: s.model.apply(v, *a, **k), abstract, *inputs,
                           **kwargs)
             if f is None:

@@ -177,8 +177,8 @@ def train_step_rate(batch_size: int, text_dim: int) -> str:
 
         from imagen_jax import partitioning
         from imagen_jax.nn import presets
+        from imagen_jax.stage import Stage
         from imagen_jax.train import optim, state, step
-        from imagen_jax.train.stage import Stage
 
         model = presets.tiny_base(channels=32, channel_mult=(1, 2), num_res_blocks=1,
                                   attn_resolutions=(8,), head_dim=16, num_groups=8,

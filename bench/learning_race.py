@@ -104,9 +104,8 @@ def render(split: str, indices: Sequence[int], resolution: int = RESOLUTION,
            preset: str = "single") -> np.ndarray:
     """The demo's base-stage images: rendered at 128 px, bicubic-resized like the pipeline."""
     from imagen_jax.data import pipeline, shapes
-    from launch.demo import scene_spec
 
-    scene = scene_spec(preset)
+    scene = shapes.scene_spec(preset)
     spec = pipeline.StageSpec(resolution=resolution)
     out = [pipeline.process_image(shapes.example(split, i, RENDER_RESOLUTION, spec=scene)["image"],
                                   spec, None)["image"] for i in indices]
@@ -125,10 +124,9 @@ def build_data(workdir: str, num_train: int, num_eval: int, num_probe: int,
     from imagen_jax.data import shapes
     from imagen_jax.text import load_t5
     from imagen_jax.text.testing import write_random_t5
-    from launch.demo import heldout_prompts, scene_spec
 
     os.makedirs(workdir, exist_ok=True)
-    scene = scene_spec(preset)
+    scene = shapes.scene_spec(preset)
     captions = [shapes.sample_scene("train", i, spec=scene).caption for i in range(num_train)]
     cache = os.path.join(workdir, f"images_{preset}_{num_train}.npy")
     if os.path.exists(cache):
@@ -141,7 +139,7 @@ def build_data(workdir: str, num_train: int, num_eval: int, num_probe: int,
         write_random_t5(t5_dir, texts=captions[:4000], vocab_size=T5_VOCAB_SIZE)
     encoder = load_t5(t5_dir, max_length=TEXT_LENGTH)
     embeds, masks = _encode(encoder, captions)
-    held = heldout_prompts(num_eval, preset)
+    held = shapes.heldout_prompts(num_eval, preset)
     evals = {"heldout": (held, *_encode(encoder, held),
                          render("heldout", range(num_eval), preset=preset)),
              "train": (captions[:num_eval], embeds[:num_eval], masks[:num_eval],
@@ -189,8 +187,8 @@ class OurSide:
 
         from imagen_jax import cascade, gin_utils, partitioning
         from imagen_jax.diffusion import convert_prediction
+        from imagen_jax.stage import Stage
         from imagen_jax.train.optim import learning_rate_schedule, make_optimizer
-        from imagen_jax.train.stage import Stage
         from imagen_jax.train.state import count_params, init_train_state
         from imagen_jax.train.step import (
             StepConfig,
@@ -227,7 +225,7 @@ class OurSide:
         with partitioning.mesh_context(mesh):  # compiled here: compilation is not training
             self._step = jit_train_step(step_fn, shardings, self._batch_shardings, mesh).lower(
                 self.state, specs).compile()
-        self._cstage = cascade.CascadeStage.from_train_stage(stage, name)
+        self._cstage = stage.replace(name=name)
         self._sample = jax.jit(
             lambda params, e, m, rng: cascade.sample_stage(self._cstage, params, e, m, rng))
         schedule = stage.get_schedule()
@@ -404,13 +402,13 @@ class TheirSide:
 def evaluate(side: Any, data: RaceData, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
     """({'probe': v-MSE per log-SNR, <eval set>: scores}, samples per eval set)."""
     from imagen_jax.eval import shapes_score
-    from launch.demo import scorer_config
 
     out: dict[str, Any] = {"probe": side.probe_loss(data.probe, PROBE_LOGSNRS)}
     samples = {}
     for name, (prompts, embeds, masks, _) in data.evals.items():
         samples[name] = side.sample(embeds, masks, seed)
-        scores = shapes_score.score(samples[name], prompts, scorer_config(data.preset))
+        scores = shapes_score.score(samples[name], prompts,
+                                     shapes_score.scorer_config(data.preset))
         out[name] = {k: round(float(scores[k]), 4) for k in SCORE_KEYS}
     return out, samples
 

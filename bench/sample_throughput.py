@@ -25,8 +25,9 @@ def ours(batch: int, steps: tuple[int, ...], guidance: float) -> tuple[float, fl
     import jax
 
     from imagen_jax import cascade, partitioning
-    from imagen_jax.diffusion import CosineSchedule
+    from imagen_jax.diffusion import SamplingConfig
     from imagen_jax.nn import tiny_base, tiny_sr
+    from imagen_jax.stage import Stage
 
     # The gin_configs/demo/*.gin architectures.
     base = tiny_base(channels=48, channel_mult=(1, 2, 2), attn_resolutions=(8, 4),
@@ -35,11 +36,11 @@ def ours(batch: int, steps: tuple[int, ...], guidance: float) -> tuple[float, fl
     sr256 = tiny_sr(text_embed_dim=EMBED_DIM, self_attention=(False, False))
     stages = []
     for i, (model, res) in enumerate(zip((base, sr64, sr256), RES)):
-        stages.append(cascade.CascadeStage(
-            model=model, resolution=res, schedule=CosineSchedule(),
+        stages.append(Stage(
+            model=model, resolution=res,
             lowres_resolution=None if i == 0 else RES[i - 1], text_embed_dim=EMBED_DIM,
-            sampling=cascade.SamplingConfig(sampler="ddpm", num_steps=steps[i],
-                                            guidance_weight=guidance, aug_level=0.0),
+            sampling=SamplingConfig(sampler="ddpm", num_steps=steps[i],
+                                    guidance_weight=guidance, aug_level=0.0),
             name=f"stage{i}"))
     params = [cascade.random_params(s, seed=i) for i, s in enumerate(stages)]
     n_params = sum(x.size for p in params for x in jax.tree.leaves(p))

@@ -14,12 +14,22 @@ from collections.abc import Sequence
 
 import gin
 
+from imagen_jax.errors import ConfigError
+
 PACKAGE = "imagen_jax"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIN_CONFIG_DIR = os.path.join(REPO_ROOT, "gin_configs")
+# The repository's gin_configs/ in a checkout (or an editable install); the copy installed inside
+# the package (setup.py: imagen_jax/gin_configs) after `pip install .`.
+GIN_CONFIG_DIR = next(
+    (d for d in (os.path.join(REPO_ROOT, "gin_configs"),
+                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin_configs"))
+     if os.path.isdir(d)),
+    os.path.join(REPO_ROOT, "gin_configs"),
+)
+CONFIG_PREFIX = "gin_configs/"  # `gin_configs/tiny/base.gin` and `tiny/base.gin` name one file
 
 
-class GinConfigError(ValueError):
+class GinConfigError(ConfigError):
     """A gin file or binding that cannot be applied; the message names the fix."""
 
 
@@ -56,7 +66,9 @@ def parse(
     """Registers all configurables, then parses ``gin_files`` and ``bindings``.
 
     Relative gin file paths and ``include`` lines are looked up in ``search_paths``, the current
-    directory, the repo root and ``gin_configs/``.
+    directory, the repo root and the shipped configs (``GIN_CONFIG_DIR``), so a shipped file is
+    found by name (``base64.gin``, ``tiny/base.gin``) or by its repository path
+    (``gin_configs/tiny/base.gin``) from any directory, installed or not.
     """
     register_all()
     for path in [*search_paths, os.getcwd(), REPO_ROOT, GIN_CONFIG_DIR]:
@@ -64,8 +76,10 @@ def parse(
             gin.add_config_file_search_path(path)
     resolved = []
     for f in gin_files:
-        found = [os.path.join(p, f) for p in ["", *gin.config._LOCATION_PREFIXES]  # noqa: SLF001
-                 if os.path.exists(os.path.join(p, f))]
+        names = [f, f[len(CONFIG_PREFIX):]] if f.startswith(CONFIG_PREFIX) else [f]
+        found = [os.path.join(p, n) for n in names
+                 for p in ["", *gin.config._LOCATION_PREFIXES]  # noqa: SLF001
+                 if os.path.exists(os.path.join(p, n))]
         if not found:
             raise GinConfigError(
                 f"gin file {f!r} not found (searched the current directory, {REPO_ROOT} and "

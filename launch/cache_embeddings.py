@@ -14,6 +14,8 @@ import os
 
 from absl import app, logging
 
+from imagen_jax.data import embed_cache, pipeline
+from imagen_jax.text import load_t5
 from launch import shared_flags as sf
 
 _T5 = sf.DEFINE_string("t5", None, "T5 checkpoint directory (Hugging Face or T5X).")
@@ -39,8 +41,6 @@ def main(argv: list[str]) -> None:
     for flag in (_T5, _DATASET, _OUT):
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required")
-    from imagen_jax.data import embed_cache, pipeline
-    from imagen_jax.text import load_t5
 
     source = pipeline.SourceSpec(
         name=_DATASET.value,

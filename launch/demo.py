@@ -23,7 +23,9 @@ A second run finds the finished checkpoints and only samples (pass --retrain to 
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import os
 import shutil
@@ -31,8 +33,20 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import gin
+import numpy as np
 from absl import app, flags
+from PIL import Image
 
+from imagen_jax import cascade as cascade_lib
+from imagen_jax import gin_utils, partitioning
+from imagen_jax.data import embed_cache, pipeline, shapes, shapes_tfds
+from imagen_jax.eval import shapes_score
+from imagen_jax.text import load_t5
+from imagen_jax.text.testing import write_random_t5
+from imagen_jax.train.checkpoint import Checkpointer
+from imagen_jax.train.metrics import image_grid
+from imagen_jax.train.trainer import TrainConfig, train
 from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
@@ -47,18 +61,6 @@ sf.DEFINE_enum("preset", "single", ["single", "full"], "Scenes: 'single' (defaul
                "per scene; 'full' also two-object relational scenes (the harder tier).")
 
 STAGES = ("base", "sr128", "sr512")
-
-
-def scene_spec(preset: str = "single") -> Any:
-    """The `shapes.SceneSpec` of a preset. 'single': one object per scene (no relations), drawn
-    larger than the dataset default so that its shape stays legible at the 32 px base resolution
-    (small/large radius 4.2 / 6.7 px there instead of 3.0 / 6.1). 'full': the dataset's own
-    scenes (half of them two objects and a relation)."""
-    from imagen_jax.data import shapes
-
-    return {"single": shapes.SceneSpec(size_radius=(0.13, 0.21), position_offset=0.25,
-                                       jitter=0.03, pair_prob=0.0),
-            "full": shapes.DEFAULT_SPEC}[preset]
 
 
 # Two prepared datasets: the base and first SR stage need many scenes at <= 128 px, the last
@@ -84,13 +86,12 @@ def prepare_dataset(data_dir: str, dataset: str, num_train: int, preset: str = "
 
     The config is registered on the builder class at run time: it exists only for the demo.
     """
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy (TensorFlow): tfds only
 
-    from imagen_jax.data import shapes, shapes_tfds
 
     template, resolution = DATASETS[dataset]
     name = template.format(preset=preset, num_train=num_train)
-    spec = scene_spec(preset)
+    spec = shapes.scene_spec(preset)
     shapes_tfds.register_config(shapes_tfds.ShapesConfig(
         name=name, description=f"make demo ({preset}): {resolution} px, {num_train} train",
         resolution=resolution, num_train=num_train, num_heldout=NUM_HELDOUT[dataset],
@@ -101,39 +102,10 @@ def prepare_dataset(data_dir: str, dataset: str, num_train: int, preset: str = "
     return builder
 
 
-def heldout_prompts(n: int, preset: str = "single") -> list[str]:
-    from imagen_jax.data import shapes
-
-    spec = scene_spec(preset)
-    return [shapes.sample_scene("heldout", i, spec=spec).caption for i in range(n)]
-
-
-def heldout_images(n: int, resolution: int, preset: str = "single") -> Any:
-    """Ground truth of the first ``n`` heldout prompts, uint8 [n, R, R, 3]."""
-    import numpy as np
-
-    from imagen_jax.data import shapes
-
-    spec = scene_spec(preset)
-    return np.stack([shapes.example("heldout", i, resolution, spec=spec)["image"]
-                     for i in range(n)])
-
-
-def scorer_config(preset: str = "single") -> Any:
-    """The adherence scorer for a preset's scenes: the same scorer, told the scenes' geometry
-    (the anchors of the positions and the small/large radii)."""
-    from imagen_jax.eval import shapes_score
-
-    return shapes_score.ScorerConfig(spec=scene_spec(preset))
-
-
 def prepare_text(out: str, data_dir: str, num_train: dict[str, int],
                  preset: str = "single") -> tuple[str, dict[str, str], str]:
     """Random T5 (spm on train captions) + an embedding cache per dataset:
     (t5 dir, {dataset: cache dir}, fingerprint)."""
-    from imagen_jax.data import embed_cache, pipeline
-    from imagen_jax.text import load_t5
-    from imagen_jax.text.testing import write_random_t5
 
     t5_dir = os.path.join(out, "t5")
     encoder, cache_dirs = None, {}
@@ -155,9 +127,7 @@ def prepare_text(out: str, data_dir: str, num_train: dict[str, int],
 
 def _text_length() -> int:
     """TEXT_LENGTH of gin_configs/demo/common.gin (one source of truth)."""
-    import gin
 
-    from imagen_jax import gin_utils
 
     gin.clear_config()
     gin_utils.parse(["demo/common.gin"], finalize=False)
@@ -181,11 +151,7 @@ def stage_bindings(stage: str, out: str, cache_dirs: dict[str, str], t5_dir: str
 
 def train_stage(name: str, workdir: str, bindings: Sequence[str], steps: int | None) -> float:
     """Trains one stage unless its final checkpoint exists; returns seconds spent."""
-    import gin
 
-    from imagen_jax import gin_utils
-    from imagen_jax.train.checkpoint import Checkpointer
-    from imagen_jax.train.trainer import TrainConfig, train
 
     gin.clear_config()
     extra = [f"TrainConfig.num_steps = {steps}"] if steps else []
@@ -211,9 +177,8 @@ def train_stage(name: str, workdir: str, bindings: Sequence[str], steps: int | N
 def score_stages(images: Sequence[Any], prompts: Sequence[str],
                  preset: str = "single") -> tuple[list[dict], list[list]]:
     """Adherence of every stage's images: (summary per stage, per-image results per stage)."""
-    from imagen_jax.eval import shapes_score
 
-    cfg = scorer_config(preset)
+    cfg = shapes_score.scorer_config(preset)
     per_image = [[shapes_score.score_image(im, p, cfg) for im, p in zip(stage_images, prompts)]
                  for stage_images in images]
     return [shapes_score.summarize(results) for results in per_image], per_image
@@ -224,13 +189,8 @@ def write_report(out: str, result: Any, names: Sequence[str], summaries: list[di
                  sr_from_truth: list[dict], truth_resolution: int,
                  preset: str = "single") -> None:
     """grid.png (final images), index.html (prompt | stage images | score), results.json."""
-    import base64
-    import io
 
-    import numpy as np
-    from PIL import Image
 
-    from imagen_jax.train.metrics import image_grid
 
     final = result.final
     Image.fromarray(image_grid(final)).save(os.path.join(out, "grid.png"))
@@ -295,8 +255,6 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
         retrain: bool = False, progress: bool = True, preset: str = "single") -> dict[str, Any]:
     """The whole demo; returns {'scores': per-stage summaries, 'sr_from_ground_truth': summaries
     of the SR stages fed the ground truth, 'timings': seconds, 'result': the CascadeOutput}."""
-    from imagen_jax import cascade as cascade_lib
-    from imagen_jax import partitioning
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -336,7 +294,7 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
 
     t0 = time.perf_counter()
     cascade = cascade_lib.load_cascade(stage_dirs, t5_dir, mesh=partitioning.make_mesh())
-    prompts = heldout_prompts(num_prompts, preset)
+    prompts = shapes.heldout_prompts(num_prompts, preset)
     result = cascade.sample(prompts, seed, progress=progress)
     timings["sample_s"] = time.perf_counter() - t0
     timings.update({f"cascade_{k}": v for k, v in result.timings.items()})
@@ -345,7 +303,7 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
     # apart from how well the base follows the prompt.
     t0 = time.perf_counter()
     base_resolution = cascade.stages[0].resolution
-    truth = heldout_images(len(prompts), base_resolution, preset)
+    truth = shapes.heldout_images(len(prompts), base_resolution, preset)
     from_truth = cascade.sample(prompts, seed, lowres=truth, start=1, progress=progress)
     sr_from_truth, _ = score_stages(from_truth.images, prompts, preset)
     timings["sample_sr_from_truth_s"] = time.perf_counter() - t0

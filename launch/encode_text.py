@@ -15,8 +15,13 @@ import csv
 import os
 from collections.abc import Sequence
 
+import jax
+import numpy as np
 from absl import app, flags
+from tqdm import tqdm
 
+from imagen_jax import partitioning
+from imagen_jax.text import load_t5
 from launch import shared_flags as sf
 
 sf.DEFINE_string("t5", None, "Hugging Face or T5X checkpoint directory (required)")
@@ -55,8 +60,6 @@ def read_prompts(path: str) -> list[str]:
 
 def encode_prompts(encoder, prompts: Sequence[str], batch_size: int, progress: bool = True):
     """Encodes ``prompts`` in batches; returns (embeddings float32 [N, L, D], mask bool [N, L])."""
-    import numpy as np
-    from tqdm import tqdm
 
     embeds = np.zeros((len(prompts), encoder.max_length, encoder.embed_dim), np.float32)
     masks = np.zeros((len(prompts), encoder.max_length), bool)
@@ -80,11 +83,7 @@ def main(argv: Sequence[str]) -> None:
     missing = [f"--{name}" for name in ("t5", "prompts", "out") if not FLAGS[name].value]
     if missing:
         raise app.UsageError(f"missing required flag(s): {', '.join(missing)}")
-    import jax
-    import numpy as np
 
-    from imagen_jax import partitioning
-    from imagen_jax.text import load_t5
 
     prompts = read_prompts(FLAGS.prompts)
     devices = jax.local_devices()

@@ -14,7 +14,7 @@ Metrics: CLIP score with ``--clip_weights``, FID with ``--inception_weights`` + 
 without weights the default metric is shapes adherence (``imagen_jax.eval.shapes_score``), which
 needs none. Every run is resumable: rerun the same command after a preemption.
 Sampler settings: ``--num_steps``/``--sampler`` override every stage; anything else through
-``--gin.stage1/sampling_overrides.aug_level=0.2`` style bindings. Settings are validated before
+``--gin.stage1/SamplingConfig.aug_level=0.2`` style bindings. Settings are validated before
 anything is loaded; bad input (an invalid or NaN/Inf setting, a reference image holding NaN/Inf,
 a stage that samples NaN) ends the run with one line on stderr and exit status 1.
 """
@@ -30,6 +30,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import app, flags, logging
 
+from imagen_jax import cascade as cascade_lib
+from imagen_jax import gin_utils
+from imagen_jax.cascade import CascadeError
+from imagen_jax.data import shapes
+from imagen_jax.diffusion import check_sampling_settings
+from imagen_jax.errors import ConfigError, ImagenError
+from imagen_jax.eval import clip, drawbench, fid, inception, report, sweep
 from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
@@ -43,7 +50,7 @@ sf.DEFINE_integer("num_steps", None, "Override every stage's sampling step count
 sf.DEFINE_string("sampler", None, "Override every stage's sampler (ddpm, ddim, dpmpp_2m).")
 sf.DEFINE_integer("guidance_stage", 0, "Stage whose guidance weight --guidance sets.")
 sf.DEFINE_list("guidance", [], "Guidance weight(s); sweep: the list to sweep.")
-sf.DEFINE_multi_string("gin_file", [], "Extra gin files (sampling_overrides bindings).")
+sf.DEFINE_multi_string("gin_file", [], "Extra gin files (SamplingConfig overrides).")
 sf.DEFINE_integer("seed", 0, "Sampling seed.")
 sf.DEFINE_integer("batch_size", None, "Prompts per sampler call / samples per chunk (8).")
 sf.DEFINE_string("out", None, "Output directory.")
@@ -88,8 +95,7 @@ def load_factory(spec: str) -> Callable[..., Callable]:
 
 def build_cascade(stage_dirs: Sequence[str], t5: str | None):
     """The cascade of ``imagen_jax.cascade`` from checkpoint directories (EMA params), with the
-    ``--gin`` ``sampling_overrides`` bindings applied (read before loading clears gin)."""
-    from imagen_jax import cascade as cascade_lib
+    ``--gin`` ``SamplingConfig`` bindings applied."""
 
     overrides = cascade_lib.gin_sampling_overrides(len(stage_dirs))
     return cascade_lib.load_cascade(list(stage_dirs), t5=t5, overrides=overrides)
@@ -99,12 +105,11 @@ def guidance_flags() -> list[float]:
     """``--guidance`` as floats, after checking every sampler flag (``--num_steps``,
     ``--sampler``, ``--guidance``) with the cascade's one validation, before anything loads.
 
-    Raises ``CascadeError`` naming the flag and its valid range (NaN/Inf, 2.7 steps, ...).
+    Raises ``ConfigError`` naming the flag and its valid range (NaN/Inf, 2.7 steps, ...).
     """
-    from imagen_jax.cascade import CascadeError, validate_sampling
 
     flags_set = {"num_steps": FLAGS.num_steps, "sampler": FLAGS.sampler}
-    validate_sampling(
+    check_sampling_settings(
         {k: v for k, v in flags_set.items() if v is not None},
         names={"num_steps": "--num_steps", "sampler": "--sampler"},
     )
@@ -113,16 +118,17 @@ def guidance_flags() -> list[float]:
         try:
             w = float(value)
         except ValueError:
-            raise CascadeError(
+            raise ConfigError(
                 f"--guidance={value!r} is not a number; valid: a finite number >= 0"
             ) from None
         weights.append(
-            validate_sampling({"guidance_weight": w}, names={"guidance_weight": "--guidance"})[
+            check_sampling_settings({"guidance_weight": w},
+                                    names={"guidance_weight": "--guidance"})[
                 "guidance_weight"
             ]
         )
     if FLAGS.guidance_stage < 0:
-        raise CascadeError(f"--guidance_stage={FLAGS.guidance_stage} must be >= 0")
+        raise ConfigError(f"--guidance_stage={FLAGS.guidance_stage} must be >= 0")
     return weights
 
 
@@ -155,7 +161,6 @@ def make_sample_fn_factory() -> Callable[[float | None], Callable]:
         raise app.UsageError("give --stages (and --t5) or --sample_fn")
     cascade = build_cascade(FLAGS.stages, FLAGS.t5)
     if FLAGS.guidance and FLAGS.guidance_stage >= len(cascade.stages):
-        from imagen_jax.cascade import CascadeError
 
         raise CascadeError(
             f"--guidance_stage={FLAGS.guidance_stage} but the cascade has "
@@ -175,10 +180,8 @@ def make_sample_fn_factory() -> Callable[[float | None], Callable]:
 
 def make_scorers() -> dict[str, Callable]:
     """CLIP score when CLIP weights are given, else shapes adherence (needs no weights)."""
-    from imagen_jax.eval import drawbench
 
     if FLAGS.clip_weights:
-        from imagen_jax.eval import clip
 
         return {
             "clip_score": clip.make_clip_scorer(
@@ -193,7 +196,6 @@ def make_scorers() -> dict[str, Callable]:
 
 
 def make_inception():
-    from imagen_jax.eval import inception
 
     return inception.make_inception_extractor(
         weights_path=FLAGS.inception_weights, batch_size=FLAGS.metric_batch_size
@@ -201,7 +203,6 @@ def make_inception():
 
 
 def reference_stats(extractor):
-    from imagen_jax.eval import fid
 
     if not FLAGS.reference:
         raise app.UsageError("FID needs --reference=tfds:NAME[:SPLIT] or an image directory")
@@ -225,7 +226,6 @@ def load_eval_prompts(n: int) -> list[str]:
             raise app.UsageError(f"--prompts file {FLAGS.prompts!r} is empty")
         return prompts
     if FLAGS.reference and FLAGS.reference.startswith("tfds:"):
-        from imagen_jax.eval import fid
 
         caps = [
             c
@@ -236,7 +236,6 @@ def load_eval_prompts(n: int) -> list[str]:
         ]
         if caps:
             return caps
-    from imagen_jax.data import shapes
 
     return [shapes.sample_scene("train", i, seed=FLAGS.seed).caption for i in range(min(n, 4096))]
 
@@ -245,7 +244,6 @@ def load_eval_prompts(n: int) -> list[str]:
 
 
 def run_drawbench_cmd() -> None:
-    from imagen_jax.eval import drawbench, report
 
     if FLAGS.compare:
         if len(FLAGS.compare) != 2:
@@ -284,7 +282,6 @@ def run_drawbench_cmd() -> None:
 
 
 def run_fid_cmd() -> None:
-    from imagen_jax.eval import fid
 
     factory = make_sample_fn_factory()
     guidance = guidance_flags()[0] if FLAGS.guidance else None
@@ -328,7 +325,6 @@ def run_fid_cmd() -> None:
 
 
 def run_sweep_cmd() -> None:
-    from imagen_jax.eval import sweep
 
     guidances = guidance_flags() or list(sweep.PAPER_BASE_GUIDANCE)
     factory = make_sample_fn_factory()
@@ -361,7 +357,6 @@ def run_sweep_cmd() -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl parsing after splitting out ``--gin.NAME=VALUE`` bindings (t5x style)."""
-    from imagen_jax import gin_utils
 
     try:
         rest = sf.parse_flags(argv)
@@ -379,15 +374,12 @@ def main(argv: Sequence[str]) -> None:
         )
     if not FLAGS.out:
         raise app.UsageError("--out=DIR is required")
-    from imagen_jax.cascade import CascadeError
-    from imagen_jax.data.images import NonFiniteImageError
-    from imagen_jax.gin_utils import GinConfigError
 
     try:
         guidance_flags()  # every sampler flag checked before anything is loaded or written
         os.makedirs(FLAGS.out, exist_ok=True)
         {"drawbench": run_drawbench_cmd, "fid": run_fid_cmd, "sweep": run_sweep_cmd}[argv[1]]()
-    except (CascadeError, GinConfigError, NonFiniteImageError) as e:
+    except ImagenError as e:
         raise sf.one_line_exit("launch.evaluate", e) from None
 
 

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from imagen_jax.data import pipeline
+from imagen_jax.text.testing import DEFAULT_VOCAB_SIZE, write_random_t5
 from launch import shared_flags as sf
 
 sf.DEFINE_string("out", None, "output directory of the random T5 (required)")
@@ -38,7 +40,6 @@ DEFAULT_DATA_DIR = "data/tfds"
 
 def read_captions(dataset: str, data_dir: str, limit: int) -> list[str]:
     """Up to ``limit`` captions of ``dataset``'s train split (a prepared tfds dataset)."""
-    from imagen_jax.data import pipeline
 
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(
@@ -53,7 +54,6 @@ def main(argv: Sequence[str]) -> None:
     del argv
     if not FLAGS.out:
         raise app.UsageError("missing required flag --out (the T5 directory to write)")
-    from imagen_jax.text.testing import DEFAULT_VOCAB_SIZE, write_random_t5
 
     captions = read_captions(FLAGS.dataset or DEFAULT_DATASET,
                              FLAGS.data_dir or DEFAULT_DATA_DIR, FLAGS.max_captions)

@@ -2,11 +2,12 @@ r"""Samples a trained cascade: prompts in, PNGs + per-prompt grids + samples.jso
 
   python -m launch.sample --stages=DIR1,DIR2,DIR3 --t5=PATH --prompts="a red circle" \
       --out=DIR --seed=0 [--num_per_prompt=4] [--start=0 --stop=3] [--lowres=IMG,...] \
-      [--gin.sampling_overrides.num_steps=25] [--gin.stage1/sampling_overrides.aug_level=0.2]
+      [--gin.SamplingConfig.num_steps=25] [--gin.stage1/SamplingConfig.aug_level=0.2]
 
 ``--prompts`` is a prompt or a text file with one prompt per line. Stage directories are the
-trainer's workdirs (base first); each stage's architecture and sampler defaults come from the gin
-config saved with its checkpoint, ``--gin.`` bindings of ``sampling_overrides`` change them.
+trainer's workdirs (base first); each stage's architecture and sampler settings come from the
+stage record saved with its checkpoint, ``--gin.`` bindings of ``SamplingConfig`` change them
+(unscoped for every stage, ``stage<i>/`` for stage i).
 ``--start=1`` with ``--lowres=a.png,b.png`` super-resolves your own images (one per prompt).
 
 Bad input (an invalid or NaN/Inf sampler setting, a low-res image holding NaN/Inf, a stage whose
@@ -15,13 +16,21 @@ samples come out NaN) ends the run with one line on stderr and exit status 1; no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
 import numpy as np
 from absl import app, flags
+from PIL import Image
 
+from imagen_jax import cascade as cascade_lib
+from imagen_jax import gin_utils, partitioning
+from imagen_jax.cascade import CascadeError
+from imagen_jax.data.images import NonFiniteImageError, read_rgb
+from imagen_jax.errors import ImagenError
+from imagen_jax.train.metrics import image_grid
 from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
@@ -35,7 +44,7 @@ sf.DEFINE_integer("start", 0, "First stage to run (1: super-resolve --lowres ima
 sf.DEFINE_integer("stop", None, "One past the last stage to run (default: all).")
 sf.DEFINE_list("lowres", None, "Low-resolution input images when --start > 0.")
 sf.DEFINE_integer("max_batch", None, "Run in chunks of this many images (memory bound).")
-sf.DEFINE_multi_string("gin_file", [], "Extra gin files (sampling_overrides, mesh).")
+sf.DEFINE_multi_string("gin_file", [], "Extra gin files (SamplingConfig overrides, mesh).")
 sf.DEFINE_bool("progress", True, "Progress bar per stage (adds one host callback per step).")
 
 
@@ -56,8 +65,6 @@ def read_lowres(paths: list[str]) -> np.ndarray:
     Raises ``CascadeError`` (one line, naming the file) for a missing or undecodable file,
     images of different sizes, or a float image holding NaN/Inf (PIL would make those black).
     """
-    from imagen_jax.cascade import CascadeError
-    from imagen_jax.data.images import NonFiniteImageError, read_rgb
 
     images = []
     for path in paths:
@@ -75,9 +82,7 @@ def read_lowres(paths: list[str]) -> np.ndarray:
 
 def write_outputs(out_dir: str, result, *, settings: dict, num_per_prompt: int) -> dict:
     """PNG per image, a grid per prompt, samples.json; returns the json record."""
-    from PIL import Image
 
-    from imagen_jax.train.metrics import image_grid
 
     os.makedirs(out_dir, exist_ok=True)
     final = result.final
@@ -107,7 +112,6 @@ def write_outputs(out_dir: str, result, *, settings: dict, num_per_prompt: int) 
 
 
 def stage_settings(cascade, start: int, stop: int | None, stage_dirs: list[str]) -> list[dict]:
-    import dataclasses
 
     stop = len(cascade.stages) if stop is None else stop
     return [
@@ -125,8 +129,6 @@ def stage_settings(cascade, start: int, stop: int | None, stage_dirs: list[str])
 
 
 def run(argv_bindings: list[str]) -> dict:
-    from imagen_jax import cascade as cascade_lib
-    from imagen_jax import gin_utils
 
     for name in ("stages", "prompts", "out"):
         if getattr(FLAGS, name) is None:
@@ -134,13 +136,11 @@ def run(argv_bindings: list[str]) -> dict:
     stage_dirs = [d for d in FLAGS.stages if d]
     t0 = time.perf_counter()
     try:
-        # User bindings are read first (mesh, overrides), then each stage's saved config is
-        # parsed in a clean gin state by the loader; overrides are plain dicts by then.
+        # User bindings: the mesh and the per-stage SamplingConfig overrides (checked here).
         gin_utils.parse(FLAGS.gin_file, argv_bindings, finalize=False)
         overrides = cascade_lib.gin_sampling_overrides(len(stage_dirs))  # validated here
         # Cheap input checks before the (slow) checkpoint and T5 loading.
         lowres = read_lowres(FLAGS.lowres) if FLAGS.lowres else None
-        from imagen_jax import partitioning
 
         mesh = partitioning.make_mesh()
         rules = partitioning.logical_axis_rules()
@@ -155,7 +155,7 @@ def run(argv_bindings: list[str]) -> dict:
             prompts, FLAGS.seed, num_per_prompt=FLAGS.num_per_prompt or 1, lowres=lowres,
             start=FLAGS.start, stop=FLAGS.stop, progress=FLAGS.progress,
         )
-    except (cascade_lib.CascadeError, gin_utils.GinConfigError) as e:
+    except ImagenError as e:
         raise sf.one_line_exit("launch.sample", e) from None
     result.timings["load_s"] = load_s
     settings = stage_settings(cascade, FLAGS.start, FLAGS.stop, stage_dirs)

@@ -14,6 +14,8 @@ from typing import Any
 
 from absl import flags
 
+from imagen_jax.gin_utils import rewrite_flag_bindings
+
 
 def _define_once(define: Callable[..., flags.FlagHolder]) -> Callable[..., flags.FlagHolder]:
     def wrapped(name: str, *args: Any, **kwargs: Any) -> flags.FlagHolder:
@@ -63,7 +65,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl flags parser for ``app.run(main, flags_parser=parse_flags)``: takes the
     ``--gin.NAME=VALUE`` arguments out of ``argv`` into `GIN_BINDINGS`, parses the rest as absl
     flags and returns the remaining positional arguments."""
-    from imagen_jax.gin_utils import rewrite_flag_bindings
 
     rest, bindings = rewrite_flag_bindings(argv)
     GIN_BINDINGS[:] = bindings

@@ -13,9 +13,12 @@ from __future__ import annotations
 import logging
 import sys
 
+import jax
 from absl import app, flags
 
 from imagen_jax import gin_utils
+from imagen_jax.train.checkpoint import CheckpointMismatchError
+from imagen_jax.train.trainer import ConfigError, TrainingError, train
 from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
@@ -34,7 +37,6 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required")
     if not FLAGS.gin_file:
         raise app.UsageError("--gin_file is required (e.g. gin_configs/tiny/base.gin)")
-    import jax
 
     if FLAGS.coordinator_address or FLAGS.distributed:
         # Must precede any computation so every process sees the global device set.
@@ -50,8 +52,6 @@ def main(argv: list[str]) -> None:
         gin_utils.parse(FLAGS.gin_file, sf.GIN_BINDINGS, FLAGS.gin_search_paths)
     except gin_utils.GinConfigError as e:
         raise SystemExit(f"launch.train: {e}") from None
-    from imagen_jax.train.checkpoint import CheckpointMismatchError
-    from imagen_jax.train.trainer import ConfigError, TrainingError, train
 
     try:
         train(FLAGS.workdir)

@@ -55,7 +55,7 @@ class PixelTextModel(nn.Module):
 
 def tiny_stage():
     """An 8 px base stage of `PixelTextModel` (4 text tokens, 16-dim embeddings)."""
-    from imagen_jax.train.stage import Stage
+    from imagen_jax.stage import Stage
 
     return Stage(model=PixelTextModel(), resolution=RESOLUTION, text_length=TEXT_LENGTH,
                  text_embed_dim=EMBED_DIM)
@@ -127,11 +127,11 @@ def main(argv: list[str]) -> None:
                               "make_optimizer.clip_grad_norm = None"], finalize=False)
 
     if num_processes > 1:
-        def data_fn(*, batch_size, process_index, process_count):
+        def data_fn(*, batch_size, process_index, process_count, stage=None):
             return host_iterator(data_dir, batch_size, process_index, process_count)
     else:
-        def data_fn(*, batch_size, process_index, process_count):
-            del process_index, process_count
+        def data_fn(*, batch_size, process_index, process_count, stage=None):
+            del process_index, process_count, stage
             return _ConcatenatedHosts(data_dir, batch_size)
 
     table = jax.random.normal(jax.random.PRNGKey(7), (VOCAB, EMBED_DIM), jnp.float32)

@@ -1,8 +1,8 @@
 """Issue 15 (sections 1-2): bad settings and non-finite pixels never become black images.
 
 Settings: every sampler / guidance / thresholding / augmentation setting is validated where the
-config is built (``SamplingConfig``, the trainer's ``Stage``, ``SamplerConfig``, gin's
-``sampling_overrides``, ``CascadeStage.with_sampling``, the launchers' flags), by one function
+config is built (the one ``SamplingConfig`` of every ``Stage``, ``Stage.with_sampling``, gin's
+per-stage ``SamplingConfig`` bindings, the launchers' flags), by one function
 (``imagen_jax.diffusion.check_sampling_settings``), with a one-line error naming the setting and
 its valid range. Pixels: NaN/Inf in low-res inputs, FID reference images and dataset images is
 refused naming the image; a stage that samples NaN (a diverged checkpoint: NaN in its
@@ -29,10 +29,11 @@ from PIL import Image
 from imagen_jax import cascade, gin_utils, partitioning
 from imagen_jax.data import pipeline
 from imagen_jax.data.images import NonFiniteImageError
-from imagen_jax.diffusion import CosineSchedule, SamplerConfig
+from imagen_jax.diffusion import SamplingConfig
+from imagen_jax.errors import ConfigError
 from imagen_jax.eval import fid
 from imagen_jax.nn import tiny_base, tiny_sr
-from imagen_jax.train.stage import Stage
+from imagen_jax.stage import Stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN, INF = float("nan"), float("inf")
@@ -56,15 +57,11 @@ def _one_line(e: BaseException | str) -> str:
 @pytest.mark.parametrize(
     "value, shown", [(NAN, "nan"), (INF, "inf"), (-INF, "-inf"), (-0.5, "-0.5")]
 )
-def test_non_finite_or_negative_guidance_is_refused_by_every_config(value, shown):
+def test_non_finite_or_negative_guidance_is_refused(value, shown):
     # The issue's case is NaN: a `w < 0` check is False for NaN, so it used to pass.
-    with pytest.raises(cascade.CascadeError,
+    with pytest.raises(ConfigError,
                        match=rf"SamplingConfig\.guidance_weight={shown} .*finite number >= 0"):
-        cascade.SamplingConfig(guidance_weight=value)
-    with pytest.raises(ValueError, match=rf"SamplerConfig\.guidance_weight={shown} "):
-        SamplerConfig(guidance_weight=value)
-    with pytest.raises(ValueError, match=rf"Stage\.guidance_weight={shown} .*finite number >= 0"):
-        Stage(model=tiny_base(), guidance_weight=value)
+        SamplingConfig(guidance_weight=value)
 
 
 @pytest.mark.parametrize("value, problem", [
@@ -75,19 +72,16 @@ def test_non_finite_or_negative_guidance_is_refused_by_every_config(value, shown
 def test_step_counts_must_be_whole_numbers(value, problem):
     # The issue's case: 2.7 used to run 2 steps while the config still said 2.7.
     valid = r"; valid: a whole number >= 1"
-    with pytest.raises(cascade.CascadeError,
+    with pytest.raises(ConfigError,
                        match=rf"SamplingConfig\.num_steps={value!r} {problem}{valid}"):
-        cascade.SamplingConfig(num_steps=value)
-    with pytest.raises(ValueError, match=rf"Stage\.num_sample_steps={value!r} {problem}{valid}"):
-        Stage(model=tiny_base(), num_sample_steps=value)
+        SamplingConfig(num_steps=value)
 
 
 def test_whole_float_step_count_is_stored_as_int():
     # Decision: 3.0 means 3 steps; it is accepted and normalised, so configs report an int.
-    for cfg_steps in (cascade.SamplingConfig(num_steps=3.0).num_steps,
-                      cascade.SamplingConfig(num_steps=np.int64(3)).num_steps,
-                      Stage(model=tiny_base(), num_sample_steps=3.0).num_sample_steps,
-                      SamplerConfig(num_steps=3.0).num_steps):
+    for cfg_steps in (SamplingConfig(num_steps=3.0).num_steps,
+                      SamplingConfig(num_steps=np.int64(3)).num_steps,
+                      SamplingConfig().replace(num_steps=3.0).num_steps):
         assert cfg_steps == 3 and type(cfg_steps) is int
 
 
@@ -100,47 +94,44 @@ def test_whole_float_step_count_is_stored_as_int():
 )
 def test_percentile_is_refused_when_the_config_is_built(value, match):
     # percentile=0.5 used to pass SamplingConfig and fail only inside the sampler.
-    with pytest.raises(cascade.CascadeError, match=r"SamplingConfig\." + match):
-        cascade.SamplingConfig(percentile=value)
-    with pytest.raises(ValueError, match=r"Stage\." + match):
-        Stage(model=tiny_base(), percentile=value)
+    with pytest.raises(ConfigError, match=r"SamplingConfig\." + match):
+        SamplingConfig(percentile=value)
 
 
 @pytest.mark.parametrize("value, shown", [(NAN, "nan"), (1.5, "1.5"), (-0.1, "-0.1"), (INF, "inf")])
 def test_aug_level_must_be_finite_in_unit_interval(value, shown):
-    with pytest.raises(cascade.CascadeError,
+    with pytest.raises(ConfigError,
                        match=rf"SamplingConfig\.aug_level={shown} .*finite number in \[0, 1\]"):
-        cascade.SamplingConfig(aug_level=value)
-    with pytest.raises(ValueError, match=rf"Stage\.sample_aug_level={shown} "):
-        Stage(model=tiny_sr(), resolution=16, lowres_resolution=8, sample_aug_level=value)
-    with pytest.raises(ValueError, match=r"Stage\.train_aug_max=.* must lie in \[0, 1\]"):
+        SamplingConfig(aug_level=value)
+    with pytest.raises(ConfigError, match=r"Stage\.train_aug_max=.* must lie in \[0, 1\]"):
         Stage(model=tiny_sr(), resolution=16, lowres_resolution=8, train_aug_max=value)
 
 
 def test_names_and_one_line_messages():
-    with pytest.raises(cascade.CascadeError, match="sampler 'euler' unknown") as e:
-        cascade.SamplingConfig(sampler="euler")
+    with pytest.raises(ConfigError, match="sampler 'euler' unknown") as e:
+        SamplingConfig(sampler="euler")
     _one_line(e.value)
-    with pytest.raises(cascade.CascadeError, match="thresholding 'dyanmic' unknown"):
-        cascade.SamplingConfig(thresholding="dyanmic")
-    with pytest.raises(ValueError, match=r"Stage\.min_snr_gamma=nan must be a finite number > 0"):
+    with pytest.raises(ConfigError, match="thresholding 'dyanmic' unknown"):
+        SamplingConfig(thresholding="dyanmic")
+    with pytest.raises(ConfigError, match=r"Stage\.min_snr_gamma=nan must be a finite number > 0"):
         Stage(model=tiny_base(), min_snr_gamma=NAN)
+    with pytest.raises(ConfigError, match=r"Stage\.sampling=\{'num_steps': 3\} is not a "
+                       "SamplingConfig"):
+        Stage(model=tiny_base(), sampling={"num_steps": 3})
 
 
-def _sr_stage(**sampling) -> cascade.CascadeStage:
-    return cascade.CascadeStage(
-        model=tiny_sr(), resolution=16, schedule=CosineSchedule(), lowres_resolution=8,
-        sampling=cascade.SamplingConfig(**sampling), name="sr",
-    )
+def _sr_stage(**sampling) -> Stage:
+    return Stage(model=tiny_sr(), resolution=16, lowres_resolution=8, text_embed_dim=32,
+                 sampling=SamplingConfig(**sampling), name="sr")
 
 
 def test_with_sampling_validates_overrides_and_their_names():
     stage = _sr_stage()
-    with pytest.raises(cascade.CascadeError, match=r"stage 'sr': guidance_weight=nan is not"):
+    with pytest.raises(ConfigError, match=r"stage 'sr': guidance_weight=nan is not"):
         stage.with_sampling(guidance_weight=NAN)
-    with pytest.raises(cascade.CascadeError, match=r"num_steps=2\.7 is not allowed"):
+    with pytest.raises(ConfigError, match=r"num_steps=2\.7 is not allowed"):
         stage.with_sampling(num_steps=2.7)
-    with pytest.raises(cascade.CascadeError, match="guidance is not a sampler setting"):
+    with pytest.raises(ConfigError, match="guidance is not a sampler setting"):
         stage.with_sampling(guidance=3.0)
     assert stage.with_sampling(num_steps=4.0).sampling.num_steps == 4
 
@@ -148,23 +139,23 @@ def test_with_sampling_validates_overrides_and_their_names():
 def test_gin_sampling_overrides_are_validated_with_the_stage_named():
     gin_utils.register_all()
     cases = [
-        ("sampling_overrides.guidance_weight = 1e999", r"stage 0: sampling_overrides\."
+        ("SamplingConfig.guidance_weight = 1e999", r"stage 0: SamplingConfig\."
          r"guidance_weight=inf is not allowed; valid: a finite number >= 0"),
-        ("stage1/sampling_overrides.num_steps = 2.7",
-         r"stage 1: sampling_overrides\.num_steps=2\.7 is not allowed; valid: a whole number"),
-        ("stage1/sampling_overrides.aug_level = -1e999",
-         r"stage 1: sampling_overrides\.aug_level=-inf is not allowed"),
+        ("stage1/SamplingConfig.num_steps = 2.7",
+         r"stage 1: SamplingConfig\.num_steps=2\.7 is not allowed; valid: a whole number"),
+        ("stage1/SamplingConfig.aug_level = -1e999",
+         r"stage 1: SamplingConfig\.aug_level=-inf is not allowed"),
     ]
     for binding, match in cases:
         gin.clear_config()
         try:
             gin.parse_config(binding)
-            with pytest.raises(cascade.CascadeError, match=match) as e:
+            with pytest.raises(ConfigError, match=match) as e:
                 cascade.gin_sampling_overrides(2)
         finally:
             gin.clear_config()
-        _one_line(e.value)  # gin's "In call to configurable" lines are dropped
-    gin.parse_config("sampling_overrides.num_steps = 3.0")
+        _one_line(e.value)
+    gin.parse_config("SamplingConfig.num_steps = 3.0")
     try:
         assert cascade.gin_sampling_overrides(1) == [{"num_steps": 3}]
     finally:
@@ -178,12 +169,9 @@ def test_aug_level_above_the_trained_range_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _sr_stage(aug_level=0.5).replace(train_aug_max=0.5)  # inside the range: silent
-        _sr_stage(aug_level=0.8)  # trained range unknown: nothing to compare with
-    # From a trainer Stage: the range is its train_aug_max; an override above it warns too.
-    train = Stage(model=tiny_sr(), resolution=16, lowres_resolution=8, train_aug_max=0.25,
-                  sample_aug_level=0.1)
-    stage = cascade.CascadeStage.from_train_stage(train, name="sr256")
-    assert stage.train_aug_max == 0.25
+        _sr_stage(aug_level=0.8)  # the default range is [0, 1]
+    # An override above the trained range warns too.
+    stage = _sr_stage(aug_level=0.1).replace(train_aug_max=0.25, name="sr256")
     with pytest.warns(UserWarning, match=r"'sr256' is sampled at aug_level=0\.3, above the range "
                       r"\[0, 0\.25\]"):
         stage.with_sampling(aug_level=0.3)
@@ -202,12 +190,10 @@ def tiny_cascade():
                  embed_dim=16, sinusoid_dim=8, num_groups=4)
     sampling = dict(sampler="ddim", num_steps=2, guidance_weight=1.0)
     stages = [
-        cascade.CascadeStage(model=base, resolution=8, schedule=CosineSchedule(),
-                             sampling=cascade.SamplingConfig(**sampling),
-                             text_embed_dim=EMBED_DIM, name="base"),
-        cascade.CascadeStage(model=sr, resolution=16, schedule=CosineSchedule(),
-                             lowres_resolution=8, sampling=cascade.SamplingConfig(**sampling),
-                             text_embed_dim=EMBED_DIM, name="sr"),
+        Stage(model=base, resolution=8, sampling=SamplingConfig(**sampling),
+              text_embed_dim=EMBED_DIM, name="base"),
+        Stage(model=sr, resolution=16, lowres_resolution=8, sampling=SamplingConfig(**sampling),
+              text_embed_dim=EMBED_DIM, name="sr"),
     ]
     params = [cascade.random_params(s, seed=i) for i, s in enumerate(stages)]
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
@@ -370,7 +356,7 @@ def _assert_one_line_error(proc, prog, *needles):
 
 def test_launch_sample_refuses_inf_setting_and_nan_lowres_with_one_line(tmp_path):
     proc = _launch("launch.sample", f"--stages={tmp_path}/s0", "--prompts=a red circle",
-                   f"--out={tmp_path}/out", "--gin.stage0/sampling_overrides.guidance_weight=1e999")
+                   f"--out={tmp_path}/out", "--gin.stage0/SamplingConfig.guidance_weight=1e999")
     _assert_one_line_error(proc, "launch.sample", "guidance_weight=inf", "finite number >= 0")
     _float_tiff(str(tmp_path / "low.tif"), NAN)
     proc = _launch("launch.sample", f"--stages={tmp_path}/s0", "--prompts=a red circle",
@@ -452,9 +438,9 @@ tiny_base.text_embed_dim = 32
 tiny_base.text_cond_dim = 8
 tiny_base.image_size = 8
 Stage.resolution = 8
-Stage.guidance_weight = 1.0
-Stage.sampler = 'ddim'
-Stage.num_sample_steps = 2
+SamplingConfig.guidance_weight = 1.0
+SamplingConfig.sampler = 'ddim'
+SamplingConfig.num_steps = 2
 Stage.text_length = 8
 Stage.text_embed_dim = 32
 Stage.text_fingerprint = '{fingerprint}'
@@ -470,7 +456,7 @@ def _write_nan_checkpoint(workdir: str, config: str) -> None:
     gin.clear_config()
     gin.parse_config(config)
     try:
-        stage = cascade.CascadeStage.from_train_stage(Stage())
+        stage = Stage()
     finally:
         gin.clear_config()
     params = jax.tree.map(jnp.asarray, cascade.random_params(stage, seed=0))
@@ -479,8 +465,8 @@ def _write_nan_checkpoint(workdir: str, config: str) -> None:
                        bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
     ckpt = Checkpointer(workdir, CheckpointConfig(save_every=1, keep=1, keep_period=None,
                                                   async_save=False))
-    ckpt.save(1, state, None, {"operative_config": config, "param_shapes": param_shapes(params)},
-              force=True)
+    ckpt.save(1, state, None, {"operative_config": config, "stage": stage.to_dict(),
+                               "param_shapes": param_shapes(params)}, force=True)
     ckpt.close()
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from imagen_jax import cascade, partitioning
-from imagen_jax.diffusion import CosineSchedule
+from imagen_jax.errors import ConfigError
 from imagen_jax.nn import tiny_base, tiny_sr
+from imagen_jax.stage import Stage
 
 EMBED_DIM = 16
 TEXT_LEN = 6
@@ -29,7 +30,6 @@ def _stages(num_steps=(10, 10, 10), guidance=(2.0, 1.0, 3.0)):
                      text_embed_dim=EMBED_DIM, text_cond_dim=16, image_size=RES[0], num_groups=4)
     sr = tiny_sr(blocks=((8, 1), (16, 1)), stem_channels=8, text_embed_dim=EMBED_DIM,
                  text_cond_dim=16, embed_dim=32, sinusoid_dim=16, num_groups=4)
-    schedule = CosineSchedule()
     samplers = ("ddpm", "ddim", "dpmpp_2m")
     out = []
     for i, res in enumerate(RES):
@@ -37,8 +37,8 @@ def _stages(num_steps=(10, 10, 10), guidance=(2.0, 1.0, 3.0)):
             sampler=samplers[i], num_steps=num_steps[i], guidance_weight=guidance[i],
             aug_level=0.0 if i == 0 else 0.2,
         )
-        out.append(cascade.CascadeStage(
-            model=base if i == 0 else sr, resolution=res, schedule=schedule,
+        out.append(Stage(
+            model=base if i == 0 else sr, resolution=res,
             lowres_resolution=None if i == 0 else RES[i - 1], sampling=sampling,
             text_embed_dim=EMBED_DIM, text_fingerprint="fp-test", name=f"s{i}",
         ))
@@ -212,7 +212,7 @@ def test_chain_errors_are_clear():
         cascade.check_chain([stages[0], stages[0]])
     with pytest.raises(cascade.CascadeError, match="different sizes"):
         cascade.check_chain([stages[0], stages[1].replace(text_embed_dim=EMBED_DIM + 1)])
-    with pytest.raises(cascade.CascadeError, match="sampler 'euler' unknown"):
+    with pytest.raises(ConfigError, match="sampler 'euler' unknown"):
         stages[0].with_sampling(sampler="euler")
 
 
@@ -237,8 +237,8 @@ def test_gin_sampling_overrides_per_stage():
     gin.clear_config()
     try:
         gin.parse_config([
-            "sampling_overrides.num_steps = 7",
-            "stage1/sampling_overrides.aug_level = 0.3",
+            "SamplingConfig.num_steps = 7",
+            "stage1/SamplingConfig.aug_level = 0.3",
         ])
         overrides = cascade.gin_sampling_overrides(3)
     finally:

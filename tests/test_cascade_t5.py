@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from imagen_jax import cascade
-from imagen_jax.diffusion import CosineSchedule
 from imagen_jax.nn import tiny_base
+from imagen_jax.stage import Stage
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
 
@@ -32,8 +32,8 @@ def base_cascade(t5):
     model = tiny_base(channels=16, channel_mult=(1, 2), attn_resolutions=(4,), head_dim=8,
                       text_embed_dim=t5.embed_dim, text_cond_dim=16, image_size=8,
                       num_groups=4)
-    stage = cascade.CascadeStage(
-        model=model, resolution=8, schedule=CosineSchedule(),
+    stage = Stage(
+        model=model, resolution=8,
         sampling=cascade.SamplingConfig(num_steps=2, guidance_weight=2.0),
         text_embed_dim=t5.embed_dim, text_fingerprint=t5.fingerprint, name="base",
     )

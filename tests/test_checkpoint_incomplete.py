@@ -244,14 +244,14 @@ tiny_base.image_size = 8
 Stage.resolution = 8
 Stage.text_length = 4
 Stage.text_embed_dim = 16
-Stage.num_sample_steps = 2
+SamplingConfig.num_steps = 2
 """
 
 
 @pytest.fixture
 def stage_dir(tmp_path):
     """A stage workdir as the trainer leaves it: steps 3 and 6 with different EMA parameters."""
-    from imagen_jax.train.stage import Stage
+    from imagen_jax.stage import Stage
     from imagen_jax.train.state import TrainState, param_shapes
 
     gin_utils.register_all()
@@ -259,7 +259,7 @@ def stage_dir(tmp_path):
     gin.parse_config(STAGE_CONFIG)
     train_stage = Stage()
     gin.clear_config()
-    cstage = cascade.CascadeStage.from_train_stage(train_stage)
+    cstage = train_stage
     workdir = str(tmp_path / "stage")
     ckpt = checkpoint.Checkpointer(workdir, checkpoint.CheckpointConfig(save_every=1,
                                                                         async_save=False))
@@ -272,6 +272,7 @@ def stage_dir(tmp_path):
                         bad_steps=jnp.zeros((), jnp.int32),
                         skipped_steps=jnp.zeros((), jnp.int32))
         ckpt.save(step, st, None, {"operative_config": STAGE_CONFIG,
+                                   "stage": train_stage.to_dict(),
                                    "param_shapes": param_shapes(params)}, force=True)
     ckpt.close()
     return workdir, emas

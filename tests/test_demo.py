@@ -19,7 +19,7 @@ TINY = [
     "TrainConfig.batch_size = 8",
     "TrainConfig.log_every = 1",
     "TrainConfig.progress_bar = False",
-    "Stage.num_sample_steps = 2",
+    "SamplingConfig.num_steps = 2",
 ]
 
 

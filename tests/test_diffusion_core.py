@@ -268,27 +268,27 @@ def test_threshold_errors_are_explicit():
 # ------------------------------------------------------------------------------------------
 
 
-def test_gin_builds_sampler_config_and_schedule():
+def test_gin_builds_sampling_config_and_schedule():
     gin.clear_config()
     try:
         gin.parse_config(
             [
-                "SamplerConfig.sampler = 'dpmpp_2m'",
-                "SamplerConfig.num_steps = 20",
-                "SamplerConfig.thresholding = 'static'",
-                "SamplerConfig.guidance_weight = 5.0",
+                "SamplingConfig.sampler = 'dpmpp_2m'",
+                "SamplingConfig.num_steps = 20",
+                "SamplingConfig.thresholding = 'static'",
+                "SamplingConfig.guidance_weight = 5.0",
                 "get_schedule.name = 'shifted_cosine'",
                 "get_schedule.shift = 2.0",
             ]
         )
-        cfg = D.SamplerConfig()
+        cfg = D.SamplingConfig()
         sched = D.get_schedule()
     finally:
         gin.clear_config()
-    assert (cfg.sampler, cfg.steps, cfg.thresholding, cfg.guidance_weight) == (
+    assert (cfg.sampler, cfg.num_steps, cfg.thresholding, cfg.guidance_weight) == (
         "dpmpp_2m", 20, "static", 5.0
     )
     assert sched == D.ShiftedCosineSchedule(shift=2.0)
-    assert D.SamplerConfig().thresholding == "dynamic"  # defaults come back after clearing
+    assert D.SamplingConfig().thresholding == "dynamic"  # defaults come back after clearing
     with pytest.raises(ValueError, match="unknown sampler"):
-        D.SamplerConfig(sampler="euler")
+        D.SamplingConfig(sampler="euler")

@@ -404,14 +404,14 @@ def test_sample_inside_outer_jit_and_vmap_with_traced_parameters():
 
 def test_sampler_config_guided_and_defaults():
     jax_model_2b, _ = guided_pair(3.0)
-    cfg = D.SamplerConfig(sampler="ddim", num_steps=6, thresholding="dynamic",
-                          guidance_weight=3.0)
+    cfg = D.SamplingConfig(sampler="ddim", num_steps=6, thresholding="dynamic",
+                           guidance_weight=3.0)
     rng = jax.random.PRNGKey(5)
     via_cfg = cfg.sample_guided(jax_model_2b("eps"), (2, 4, 4, 3), rng, schedule=SCHEDULE)
     direct = D.sample(D.guided_model_fn(jax_model_2b("eps"), 3.0), (2, 4, 4, 3), rng,
                       schedule=SCHEDULE, sampler="ddim", num_steps=6, thresholding="dynamic")
     np.testing.assert_allclose(via_cfg, direct, atol=1e-6)
-    assert D.SamplerConfig(sampler="dpmpp_2m").steps == D.DEFAULT_NUM_STEPS["dpmpp_2m"]
+    assert D.SamplingConfig().num_steps == D.DEFAULT_NUM_STEPS["ddpm"] == 256  # one default
 
 
 def test_sample_rejects_bad_arguments_with_clear_errors():

@@ -5,9 +5,11 @@ A documented shell command is one of:
   (it cannot run on a CPU box without downloads);
 - ``make demo`` / ``make test``: ``make test`` is what CI runs, and ``tests/test_demo.py`` runs
   ``launch.demo`` (what ``make demo`` calls) on tiny settings;
-- otherwise it is executed by ``test_quick_tour_runs_resumes_and_samples``, in a scratch working
-  directory, in the order documented. Training commands get a shorter ``num_steps`` appended
-  (compile time dominates on 2 cores); everything else runs exactly as written.
+- otherwise it is executed by ``test_quick_tour_runs_resumes_and_samples``, in an empty scratch
+  working directory, in the order documented, against a ``pip install .`` copy of the package
+  (not the checkout): the launchers and the shipped gin files work from any directory. Training
+  commands get a shorter ``num_steps`` appended (compile time dominates on 2 cores); everything
+  else runs exactly as written.
 
 The README's Python blocks run as written, after the quick tour, in the same directory. The
 list of run and marked commands is printed at the end of the pytest output.
@@ -135,19 +137,29 @@ def test_every_documented_command_is_run_or_marked(record_property):
     record_property("documented_commands", "\n".join(lines))
 
 
-def _env() -> dict[str, str]:
+def _env(site: Path | str = REPO) -> dict[str, str]:
     env = dict(os.environ)
     # `python` in the documented commands is the suite's interpreter (the .venv one).
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = str(site)
     env["JAX_PLATFORMS"] = "cpu"
     # One CPU device, as a newcomer's laptop; XLA's cheap CPU compile (compiles dominate here).
     env["XLA_FLAGS"] = FAST_XLA
     return env
 
 
-def _run(cmd: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=_env(), capture_output=True,
+def install_copy(target: Path) -> Path:
+    """``pip install --no-deps .`` of the checkout into ``target`` (the dependencies are the
+    suite's own); returns ``target``. No network: the build uses the interpreter's setuptools."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return target
+
+
+def _run(cmd: str, cwd: Path, site: Path | str = REPO) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=_env(site), capture_output=True,
                           text=True, timeout=COMMAND_TIMEOUT_S)
     assert proc.returncode == 0, f"{cmd}\nexit {proc.returncode}\n{proc.stderr[-4000:]}"
     return proc
@@ -158,11 +170,11 @@ def _complete_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
 
 
-def _train_with_kill(cmd: str, cwd: Path) -> None:
+def _train_with_kill(cmd: str, cwd: Path, site: Path) -> None:
     """Start the documented training command, SIGKILL it once it has saved a checkpoint, then
     rerun the same command: it must resume (not restart) and finish."""
     workdir = cwd / re.search(r"--workdir=(\S+)", cmd).group(1)
-    proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, env=_env(),
+    proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, env=_env(site),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + COMMAND_TIMEOUT_S
@@ -178,7 +190,7 @@ def _train_with_kill(cmd: str, cwd: Path) -> None:
         proc.wait()
     killed_at = max(_complete_steps(workdir))
     assert killed_at < TRAIN_STEPS, "the run finished before it could be killed"
-    resumed = _run(cmd, cwd)
+    resumed = _run(cmd, cwd, site)
     assert "resuming from" in resumed.stderr, resumed.stderr[-3000:]
     assert max(_complete_steps(workdir)) == TRAIN_STEPS
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -188,8 +200,15 @@ def _train_with_kill(cmd: str, cwd: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ten launcher runs, each compiling; about 5 minutes on a quiet CI box
 def test_quick_tour_runs_resumes_and_samples(tmp_path, record_property):
-    """The README's runnable commands, in order; the first training run is killed and resumed;
-    then the gin headers' tiny commands and the README's Python blocks."""
+    """The README's runnable commands, in order, from an empty directory against an installed
+    copy of the package; the first training run is killed and resumed; then the gin headers'
+    tiny commands and the README's Python blocks."""
+    site = install_copy(tmp_path / "site")
+    work = tmp_path / "work"
+    work.mkdir()
+    where = _run("python -c 'import imagen_jax, launch; print(imagen_jax.__file__, "
+                 "launch.__file__)'", work, site).stdout.split()
+    assert all(p.startswith(str(site)) for p in where), where  # not the checkout
     ran = []
     trained_with_kill = False
     commands = [c for c in readme_commands() if classify(c) == "run"]
@@ -201,20 +220,20 @@ def test_quick_tour_runs_resumes_and_samples(tmp_path, record_property):
             cmd = f"{cmd} {' '.join(TRAIN_OVERRIDES)}"
             if not trained_with_kill:
                 start = time.monotonic()
-                _train_with_kill(cmd, tmp_path)
+                _train_with_kill(cmd, work, site)
                 trained_with_kill = True
                 ran.append(f"{time.monotonic() - start:6.1f} s  {cmd}"
                            "   (killed after a checkpoint, rerun: resumed)")
                 continue
         start = time.monotonic()
-        _run(cmd, tmp_path)
+        _run(cmd, work, site)
         ran.append(f"{time.monotonic() - start:6.1f} s  {cmd}")
     assert trained_with_kill
-    samples = sorted((tmp_path / "runs" / "samples").glob("*.png"))
+    samples = sorted((work / "runs" / "samples").glob("*.png"))
     assert len(samples) >= 3, samples  # 2 images + the prompt's grid
-    assert (tmp_path / "runs" / "drawbench" / "index.html").is_file()
+    assert (work / "runs" / "drawbench" / "index.html").is_file()
     for block in readme_python_blocks():
-        proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=_env(),
+        proc = subprocess.run([sys.executable, "-c", block], cwd=work, env=_env(site),
                               capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
         assert proc.returncode == 0, f"README Python block failed:\n{block}\n{proc.stderr[-4000:]}"
         ran.append("python block: " + block.strip().splitlines()[1][:90])

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 
 from imagen_jax import cascade
-from imagen_jax.diffusion import CosineSchedule
 from imagen_jax.eval import drawbench, report
 from imagen_jax.nn import tiny_base, tiny_sr
+from imagen_jax.stage import Stage
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import drawbench_prompts, write_random_t5
 from tests.support_eval import chromium_probe
@@ -34,8 +34,8 @@ def _tiny_cascade(tmp_path) -> cascade.Cascade:
     sr = tiny_sr(blocks=((8, 1), (16, 1)), stem_channels=8, text_embed_dim=t5.embed_dim,
                  text_cond_dim=16, embed_dim=32, sinusoid_dim=16, num_groups=4)
     stages = [
-        cascade.CascadeStage(
-            model=base if i == 0 else sr, resolution=res, schedule=CosineSchedule(),
+        Stage(
+            model=base if i == 0 else sr, resolution=res,
             lowres_resolution=None if i == 0 else RES[i - 1],
             sampling=cascade.SamplingConfig(sampler="ddim", num_steps=2, guidance_weight=3.0,
                                             aug_level=0.0 if i == 0 else 0.2),

@@ -19,6 +19,7 @@ Regenerate only when behaviour is meant to change, and say so in the commit:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -27,8 +28,9 @@ import numpy as np
 import optax
 
 from imagen_jax import cascade, partitioning
+from imagen_jax.diffusion import SamplingConfig
 from imagen_jax.nn import presets
-from imagen_jax.train.stage import Stage
+from imagen_jax.stage import Stage
 from imagen_jax.train import optim, step
 from imagen_jax.train import state as state_lib
 
@@ -54,15 +56,16 @@ def golden_stages() -> dict[str, Stage]:
     return {
         "base": Stage(model=base, resolution=16, text_length=TEXT_LENGTH,
                       text_embed_dim=EMBED_DIM, prediction="eps", loss_weighting="min_snr",
-                      cond_drop_prob=0.5, sampler="ddpm", num_sample_steps=4,
-                      guidance_weight=3.0, thresholding="dynamic", percentile=95.0),
+                      cond_drop_prob=0.5, name="base",
+                      sampling=SamplingConfig(sampler="ddpm", num_steps=4, guidance_weight=3.0,
+                                              thresholding="dynamic", percentile=95.0)),
         "sr": Stage(model=sr, resolution=32, lowres_resolution=16, text_length=TEXT_LENGTH,
                     text_embed_dim=EMBED_DIM, schedule="shifted_cosine",
                     schedule_kwargs={"shift": 2.0}, prediction="v",
                     loss_weighting="min_snr_plus_one", cond_drop_prob=0.2,
-                    aug_schedule="cosine", train_aug_max=0.5, sampler="ddim",
-                    num_sample_steps=3, guidance_weight=2.0, thresholding="static",
-                    sample_aug_level=0.2),
+                    aug_schedule="cosine", train_aug_max=0.5, name="sr",
+                    sampling=SamplingConfig(sampler="ddim", num_steps=3, guidance_weight=2.0,
+                                            thresholding="static", aug_level=0.2)),
     }
 
 
@@ -84,8 +87,9 @@ def fixed_inputs() -> dict[str, np.ndarray]:
     }
 
 
-def _flat(tree) -> dict[str, np.ndarray]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+def _flat(tree) -> dict:
+    """{"a/b/kernel": leaf} (arrays or ShapeDtypeStructs)."""
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -104,14 +108,18 @@ def train_stage(name: str, stage: Stage, inputs, stored, mesh):
     lr = optax.constant_schedule(1e-3)
     tx = optim.make_optimizer(lr, name="adam", clip_grad_norm=None)
     config = step.StepConfig(ema_decay=0.9)
-    state, shardings = state_lib.init_train_state(stage.model, tx, stage, 0, mesh, ())
+    # The trainer's state layout and shardings, without compiling flax's initialiser.
+    abstract, shardings = state_lib.abstract_train_state(stage.model, tx, stage, mesh, ())
     prefix = f"{name}/params/"
     if REGEN:  # float16-rounded flax init, kept as the fixture's weights
-        for key, value in _flat(state.params).items():
-            stored[prefix + key] = value.astype(np.float16)
-    params = _unflat(state.params, stored, prefix)
-    state = state.replace(params=params, ema_params=params, opt_state=tx.init(params),
-                          rng=jax.random.PRNGKey(1234))
+        init = cascade.init_params(stage, jax.random.PRNGKey(0))
+        for key, value in _flat(init).items():
+            stored[prefix + key] = np.asarray(value).astype(np.float16)
+    params = _unflat(abstract.params, stored, prefix)
+    state = state_lib.TrainState(
+        step=np.zeros((), np.int32), params=params, ema_params=params,
+        opt_state=tx.init(params), rng=jax.random.PRNGKey(1234),
+        bad_steps=np.zeros((), np.int32), skipped_steps=np.zeros((), np.int32))
     state = jax.device_put(state, shardings)
     batch = {"image": inputs["image32"] if stage.is_super_res else inputs["image16"],
              "text_embeds": inputs["text_embeds"], "text_mask": inputs["text_mask"]}
@@ -141,9 +149,10 @@ def test_tiny_cascade_trains_and_samples_to_the_stored_numbers():
         params, got[f"{name}/losses"], got[f"{name}/grad_norms"] = train_stage(
             name, stage, inputs, stored, mesh)
         ema.append(params)
-    imagen = cascade.Cascade(
-        [cascade.CascadeStage.from_train_stage(s, n) for n, s in stages.items()], ema,
-        mesh=mesh, embed_dim=EMBED_DIM)
+    # Sampled from the records as a checkpoint stores them (JSON), not from the gin-free objects.
+    loaded = [Stage.from_dict(json.loads(json.dumps(s.to_dict()))) for s in stages.values()]
+    assert loaded == list(stages.values())
+    imagen = cascade.Cascade(loaded, ema, mesh=mesh, embed_dim=EMBED_DIM)
     out = imagen.sample(text_embeds=inputs["sample_embeds"], text_mask=inputs["sample_mask"],
                         seed=5)
     got["base/images"], got["sr/images"] = out.images

@@ -61,7 +61,7 @@ def test_trained_sr_stage_moves_toward_its_lowres_ground_truth():
     embeds = jnp.asarray(np.concatenate([held["text_embeds"]] * 2))
     mask = jnp.asarray(np.concatenate([held["text_mask"]] * 2))
     lowres = jnp.asarray(np.concatenate([held["lowres"], held["lowres"][::-1]]))
-    sampling = cascade.CascadeStage.from_train_stage(stage).with_sampling(
+    sampling = stage.with_sampling(
         sampler="ddim", num_steps=8, guidance_weight=1.0)
     sample = _compile(lambda p, low: cascade.sample_stage(
         sampling, p, embeds, mask, jax.random.PRNGKey(0), lowres=low), st.ema_params, lowres)

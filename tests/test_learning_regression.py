@@ -36,7 +36,7 @@ BINDINGS = [
     "tiny_base.attn_resolutions = [8]",
     "TrainConfig.log_every = 150",
     "TrainConfig.progress_bar = False",
-    "Stage.num_sample_steps = 16",
+    "SamplingConfig.num_steps = 16",
 ]
 # Floors under the once-measured scores (bench/RESULTS.md, "Learning regression guard"), well
 # above chance (colour 1/8, background 1/4): {attribute: floor}.
@@ -58,10 +58,10 @@ def train_and_score(out: str, bindings: list[str] = BINDINGS, steps: int = STEPS
     bindings = [*demo.stage_bindings("base", out, caches, t5_dir, fingerprint, sizes), *bindings]
     assert demo.train_stage("base", workdir, bindings, steps) > 0
 
-    cfg = demo.scorer_config()
+    cfg = shapes_score.scorer_config()
     # Training prompts that name the background, so every prompt checks it (half of the captions
     # do): 32 background verdicts rather than ~16.
-    scenes = (shapes.sample_scene("train", i, spec=demo.scene_spec()) for i in range(NUM_TRAIN))
+    scenes = (shapes.sample_scene("train", i, spec=shapes.scene_spec()) for i in range(NUM_TRAIN))
     prompts = [s.caption for s in scenes if s.mentions_background][:NUM_PROMPTS]
     images = cascade_lib.load_cascade([workdir], t5_dir).sample(prompts, 0, progress=False)
     return shapes_score.score(images.images[0], prompts, cfg)

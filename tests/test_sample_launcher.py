@@ -36,8 +36,8 @@ tiny_base.text_embed_dim = 32
 tiny_base.text_cond_dim = 16
 tiny_base.image_size = 8
 Stage.resolution = 8
-Stage.guidance_weight = 2.0
-Stage.sampler = 'ddim'
+SamplingConfig.guidance_weight = 2.0
+SamplingConfig.sampler = 'ddim'
 """,
     "sr": """Stage.model = @tiny_sr()
 tiny_sr.blocks = [[8, 1], [16, 1]]
@@ -49,23 +49,23 @@ tiny_sr.sinusoid_dim = 16
 tiny_sr.num_groups = 4
 Stage.resolution = {res}
 Stage.lowres_resolution = {low}
-Stage.guidance_weight = 1.0
-Stage.sampler = 'ddpm'
-Stage.sample_aug_level = 0.1
+SamplingConfig.guidance_weight = 1.0
+SamplingConfig.sampler = 'ddpm'
+SamplingConfig.aug_level = 0.1
 """,
 }
 
 
 def _config(model: str, fingerprint: str) -> str:
     return (f"train.stage = @Stage()\n{model}Stage.text_length = {TEXT_LEN}\n"
-            f"Stage.text_embed_dim = 32\nStage.num_sample_steps = 2\n"
+            f"Stage.text_embed_dim = 32\nSamplingConfig.num_steps = 2\n"
             f"Stage.text_fingerprint = '{fingerprint}'\n")
 
 
 def write_stage(workdir: str, config: str, seed: int) -> dict:
     """A checkpoint as the trainer writes it; returns the saved EMA params."""
+    from imagen_jax.stage import Stage
     from imagen_jax.train.checkpoint import CheckpointConfig, Checkpointer
-    from imagen_jax.train.stage import Stage
     from imagen_jax.train.state import TrainState, param_shapes
 
     gin_utils.register_all()
@@ -73,16 +73,15 @@ def write_stage(workdir: str, config: str, seed: int) -> dict:
     gin.parse_config(config)
     stage = Stage()
     gin.clear_config()
-    cstage = cascade.CascadeStage.from_train_stage(stage)
-    params = jax.tree.map(jnp.asarray, cascade.random_params(cstage, seed=seed))
+    params = jax.tree.map(jnp.asarray, cascade.random_params(stage, seed=seed))
     ema = jax.tree.map(lambda x: x * 0.5, params)
     state = TrainState(step=jnp.asarray(3, jnp.int32), params=params, ema_params=ema,
                        opt_state={}, rng=jax.random.PRNGKey(0),
                        bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
     ckpt = Checkpointer(workdir, CheckpointConfig(save_every=1, keep=1, keep_period=None,
                                                   async_save=False))
-    ckpt.save(3, state, None, {"operative_config": config, "param_shapes": param_shapes(params)},
-              force=True)
+    ckpt.save(3, state, None, {"operative_config": config, "stage": stage.to_dict(),
+                               "param_shapes": param_shapes(params)}, force=True)
     ckpt.close()
     return ema
 
@@ -151,7 +150,7 @@ def test_launcher_writes_images_grids_and_json(checkpoints, tmp_path):
         "--noprogress",
     ])
     try:
-        record = launcher.run(["sampling_overrides.num_steps = 2"])
+        record = launcher.run(["SamplingConfig.num_steps = 2"])
     finally:
         flags.FLAGS.unparse_flags()
     files = sorted(os.listdir(out))

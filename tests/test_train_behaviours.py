@@ -21,8 +21,8 @@ import pytest
 
 from imagen_jax import cascade, diffusion, gin_utils, partitioning
 from imagen_jax.nn import presets
+from imagen_jax.stage import Stage
 from imagen_jax.train import optim, state, step, testing, trainer
-from imagen_jax.train.stage import Stage
 
 # Cheap CPU compiles for the programs compiled here (the tests compare runs compiled alike).
 FAST_XLA = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -62,11 +62,11 @@ Stage.schedule = 'shifted_cosine'
 Stage.schedule_kwargs = {{'shift': {SHIFT}}}
 Stage.aug_schedule = 'linear'
 Stage.train_aug_max = 0.5
-Stage.sample_aug_level = {AUG_LEVEL}
-Stage.sampler = 'ddim'
-Stage.num_sample_steps = 3
-Stage.guidance_weight = 1.0
-Stage.thresholding = 'static'
+SamplingConfig.aug_level = {AUG_LEVEL}
+SamplingConfig.sampler = 'ddim'
+SamplingConfig.num_steps = 3
+SamplingConfig.guidance_weight = 1.0
+SamplingConfig.thresholding = 'static'
 
 train.data_fn = @synthetic_data
 synthetic_data.resolution = 16
@@ -111,10 +111,12 @@ def test_loaded_stage_keeps_prediction_schedule_and_augmentation(trained_sr):
         "v", "shifted_cosine", {"shift": SHIFT})
     loaded, params = cascade.load_stage(trained_sr["workdir"], mesh=one_device_mesh(), rules=())
     assert loaded.prediction == "v"
-    assert loaded.schedule == diffusion.ShiftedCosineSchedule(shift=SHIFT)
-    assert loaded.schedule == stage.get_schedule()
-    assert loaded.aug_schedule == diffusion.LinearBetaSchedule()
-    assert loaded.aug_schedule == stage.get_aug_schedule()
+    assert loaded.get_schedule() == diffusion.ShiftedCosineSchedule(shift=SHIFT)
+    assert loaded.get_schedule() == stage.get_schedule()
+    assert loaded.get_aug_schedule() == diffusion.LinearBetaSchedule()
+    assert loaded.get_aug_schedule() == stage.get_aug_schedule()
+    # Everything the trainer was given comes back from the checkpoint's record (no gin).
+    assert loaded.replace(name="") == stage
     assert loaded.sampling.aug_level == AUG_LEVEL
     assert (loaded.sampling.sampler, loaded.sampling.num_steps, loaded.sampling.thresholding) == (
         "ddim", 3, "static")
@@ -204,7 +206,7 @@ def precision_runs():
     abstract, shardings = state.abstract_train_state(
         _small_stage("bfloat16").model, tx, _small_stage("bfloat16"), mesh, ())
     # Initial values without compiling flax's initialisers (slow on CPU): same tree and dtypes.
-    cstage = cascade.CascadeStage.from_train_stage(_small_stage("float32"))
+    cstage = _small_stage("float32")
     params = cascade.random_params(cstage, seed=0)  # numpy float32
     init = state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             ema_params=jax.tree.map(np.copy, params),  # own (donated) buffers

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from imagen_jax import cascade, partitioning
-from imagen_jax.diffusion import CosineSchedule, ShiftedCosineSchedule
+from imagen_jax.stage import Stage
 
 # ------------------------------------------------------------------------------------------
 # 5. Noise augmentation at sampling.
@@ -77,17 +77,17 @@ def _spy_cascade(aug_levels: tuple[float, float]) -> cascade.Cascade:
     sampling = functools.partial(cascade.SamplingConfig, sampler="ddpm", num_steps=3,
                                  thresholding="dynamic")
     stages = [
-        cascade.CascadeStage(model=_ZeroBase(), resolution=8, schedule=CosineSchedule(),
+        Stage(model=_ZeroBase(), resolution=8,
                              sampling=sampling(), text_embed_dim=4, name="base"),
-        cascade.CascadeStage(model=_SpySR("sr1"), resolution=16, lowres_resolution=8,
-                             schedule=CosineSchedule(), text_embed_dim=4, name="sr1",
+        Stage(model=_SpySR("sr1"), resolution=16, lowres_resolution=8,
+                             text_embed_dim=4, name="sr1",
                              sampling=sampling(aug_level=aug_levels[0])),
-        cascade.CascadeStage(model=_SpySR("sr2"), resolution=32, lowres_resolution=16,
-                             schedule=ShiftedCosineSchedule(shift=2.0),
-                             aug_schedule=CosineSchedule(), text_embed_dim=4, name="sr2",
+        Stage(model=_SpySR("sr2"), resolution=32, lowres_resolution=16,
+                             schedule="shifted_cosine", schedule_kwargs={"shift": 2.0},
+                             aug_schedule="cosine", text_embed_dim=4, name="sr2",
                              sampling=sampling(aug_level=aug_levels[1], guidance_weight=2.5)),
     ]
-    params = [cascade.random_params(s, seed=i, embed_dim=4) for i, s in enumerate(stages)]
+    params = [cascade.random_params(s, seed=i) for i, s in enumerate(stages)]
     mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     return cascade.Cascade(stages, params, mesh=mesh, embed_dim=4)
 
@@ -185,9 +185,9 @@ class _TinyEps(nn.Module):
 
 
 def test_max_bad_steps_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
+    from imagen_jax.stage import Stage
     from imagen_jax.train import optim, testing, trainer
     from imagen_jax.train.checkpoint import CheckpointConfig, Checkpointer
-    from imagen_jax.train.stage import Stage
     from imagen_jax.train.state import abstract_train_state
 
     stage = Stage(model=_TinyEps(), resolution=8, text_length=4, text_embed_dim=16)
@@ -313,10 +313,10 @@ _TRAIN_STAGES = {
 Stage.model = @behaviours2_tiny_net()
 Stage.resolution = 8
 synthetic_data.resolution = 8
-Stage.sampler = 'ddim'
-Stage.num_sample_steps = 4
-Stage.guidance_weight = 1.5
-Stage.thresholding = 'static'
+SamplingConfig.sampler = 'ddim'
+SamplingConfig.num_steps = 4
+SamplingConfig.guidance_weight = 1.5
+SamplingConfig.thresholding = 'static'
 """,
     "sr": """
 Stage.model = @behaviours2_tiny_net()
@@ -325,10 +325,10 @@ Stage.resolution = 16
 Stage.lowres_resolution = 8
 synthetic_data.resolution = 16
 synthetic_data.lowres_resolution = 8
-Stage.sampler = 'ddpm'
-Stage.num_sample_steps = 3
-Stage.guidance_weight = 1.0
-Stage.sample_aug_level = 0.2
+SamplingConfig.sampler = 'ddpm'
+SamplingConfig.num_steps = 3
+SamplingConfig.guidance_weight = 1.0
+SamplingConfig.aug_level = 0.2
 """,
 }
 # What each stage was saved with, after the launcher's --num_steps=2 (which applies to all).
@@ -438,7 +438,7 @@ def test_evaluate_drawbench_guidance_and_gin_overrides_stay_on_their_stage(
         trained_stages, recorded, tmp_path):
     _evaluate("drawbench", "--guidance=4", "--guidance_stage=1", "--categories=Rare Words",
               "--num_per_prompt=1", "--batch_size=8",
-              "--gin.stage0/sampling_overrides.percentile=97.0",
+              "--gin.stage0/SamplingConfig.percentile=97.0",
               *_cascade_flags(trained_stages, tmp_path))
     assert recorded, "the launcher never sampled the cascade"
     want = _guided(1)

@@ -209,8 +209,8 @@ def test_micro_batch_accumulation_equals_the_full_batch_under_sgd():
     accumulated micro-batches must give the full batch's parameters, loss and gradient norm
     (a sum instead of a mean would be 4x off; Adam and clipping would hide it)."""
     from imagen_jax import partitioning
+    from imagen_jax.stage import Stage
     from imagen_jax.train import optim, state, step, testing
-    from imagen_jax.train.stage import Stage
 
     stage = Stage(model=_ToyDenoiser(), resolution=8, text_length=4, text_embed_dim=16)
     schedule = optim.learning_rate_schedule(peak_value=0.1, kind="constant")

@@ -34,6 +34,8 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
+from imagen_jax.errors import DataError
+
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 # Storage dtypes; bf16 halves the disk and host->device traffic of T5-XXL embeddings (D=4096).
@@ -42,7 +44,7 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat
 _WRITER_OPTIONS = "group_size:1"
 
 
-class CacheError(ValueError):
+class CacheError(DataError):
     """A cache directory that cannot be used as asked; the message names the fix."""
 
 
@@ -286,6 +288,7 @@ def build_cache(
         with open(ids_path + ".tmp", "wb") as f:
             np.save(f, ids)
         _commit(ids_path + ".tmp", ids_path)
+        # optional: only the embedding cache's on-disk format needs it
         from array_record.python.array_record_module import ArrayRecordWriter
 
         writer = ArrayRecordWriter(final + ".tmp", _WRITER_OPTIONS)
@@ -380,6 +383,7 @@ class EmbeddingCache:
     def lookup(self, example_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings [L, D] (cache dtype, zeros at padding) and mask bool [L] of one example."""
         if self._reader is None:
+            # optional: only the embedding cache's on-disk format needs it
             from array_record.python.array_record_data_source import ArrayRecordDataSource
 
             self._reader = ArrayRecordDataSource(self._paths)

@@ -16,8 +16,10 @@ import os
 import numpy as np
 from PIL import Image
 
+from imagen_jax.errors import DataError
 
-class NonFiniteImageError(ValueError):
+
+class NonFiniteImageError(DataError):
     """An image holds NaN or Inf values; the message names the image.
 
     ``problem`` is the message without the image's name and the fix, for callers that name the

@@ -29,7 +29,10 @@ from typing import Any
 
 import gin
 import grain
+import grain.checkpoint
+import jax
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from imagen_jax.data.embed_cache import EmbeddingCache
@@ -39,6 +42,7 @@ from imagen_jax.data.images import (
     read_rgb,
     uint8_to_unit,
 )
+from imagen_jax.errors import DataError
 
 # Keys of the per-batch skip counters that travel from the workers to the main process.
 _SKIP_REASONS = ("too_small", "unreadable")
@@ -50,10 +54,6 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-
-
-class DataError(ValueError):
-    """Bad dataset / feature / image / configuration; the message names the fix."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +187,6 @@ class LoaderSpec:
             raise DataError(f"LoaderSpec.seed must be in [0, 2**31), got {self.seed}")
 
     def host(self) -> tuple[int, int]:
-        import jax
 
         index = jax.process_index() if self.process_index is None else self.process_index
         count = jax.process_count() if self.process_count is None else self.process_count
@@ -203,7 +202,7 @@ class LoaderSpec:
 
 def _feature_paths(features, prefix: str = "") -> dict[str, Any]:
     """Flattens a tfds FeaturesDict into ``{"a/b": feature}`` (through Sequence features)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy (TensorFlow): tfds only
 
     out = {}
     if isinstance(features, tfds.features.Sequence):
@@ -229,7 +228,7 @@ class TfdsSource:
     """
 
     def __init__(self, spec: SourceSpec, decode_images: bool = False):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy (TensorFlow): tfds only
 
         self.spec = spec
         try:
@@ -500,6 +499,9 @@ class InputIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator):
         super().__init__(parent)
         self.skipped = dict.fromkeys(_SKIP_REASONS, 0)
+        # In cache mode: the fingerprint of the encoder that made the cached embeddings (the
+        # trainer records it in the stage record, so the cascade refuses another encoder).
+        self.text_fingerprint: str | None = None
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._parent)
@@ -586,7 +588,6 @@ def build_dataset(
     if loader.worker_count > 0:
         # grain's worker processes read absl flags; outside an absl app (tests, notebooks)
         # nothing has parsed them, so take the defaults instead of crashing.
-        from absl import flags
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
@@ -621,7 +622,10 @@ def make_iterator(
         text_fingerprint=text_fingerprint,
         text_max_length=text_max_length,
     )
-    return iter(ds)
+    iterator = iter(ds)
+    if text.mode == "cache":
+        iterator.text_fingerprint = EmbeddingCache(text.cache_dir).meta.encoder_fingerprint
+    return iterator
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,7 +636,6 @@ def make_iterator(
 def checkpoint_args(iterator: InputIterator, restore: bool = False):
     """orbax args for the iterator (grain's handler; one JSON file per host), e.g.
     ``ocp.args.Composite(state=..., data=checkpoint_args(it))``; restoring sets it in place."""
-    import grain.checkpoint
 
     return (grain.checkpoint.CheckpointRestore if restore else grain.checkpoint.CheckpointSave)(
         iterator

@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from imagen_jax.data import shapes
+from imagen_jax.data import shapes, shapes_tfds
 
 NAME = "imagen_shapes"
 FILE_FORMAT = "array_record"
@@ -159,7 +159,6 @@ def prepare(
 def main(argv: list[str]) -> None:
     del argv
     # Run through the package module, not `__main__`: tfds locates a builder's code by module.
-    from imagen_jax.data import shapes_tfds
 
     builder = shapes_tfds.prepare(_CONFIG.value, _DATA_DIR.value)
     print(f"prepared {builder.info.full_name} in {builder.data_dir}: {builder.info.splits}")

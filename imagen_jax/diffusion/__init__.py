@@ -29,7 +29,7 @@ from imagen_jax.diffusion.predictions import (
 from imagen_jax.diffusion.samplers import (
     DEFAULT_NUM_STEPS,
     SAMPLERS,
-    SamplerConfig,
+    SamplingConfig,
     ddim_step,
     ddpm_step,
     dpmpp_2m_step,
@@ -66,7 +66,7 @@ __all__ = [
     "CosineSchedule",
     "GaussianMixture1D",
     "LinearBetaSchedule",
-    "SamplerConfig",
+    "SamplingConfig",
     "Schedule",
     "ShiftedCosineSchedule",
     "alpha_sigma_from_logsnr",

@@ -1,11 +1,11 @@
 """Sampler settings validated once, where a config is built (not when an image comes out black).
 
-Every object that carries sampler settings -- the trainer's ``Stage``, the cascade's
-``SamplingConfig``, this package's ``SamplerConfig``, gin's ``sampling_overrides`` and the
-launchers' flags -- calls `check_sampling_settings`. A NaN guidance weight (a ``w < 0`` check is
-False for NaN, and every pixel then comes out NaN, i.e. a black PNG), a fractional step count or
-a quantile given as a percentile is refused with a one-line ``ValueError`` that names the
-setting and its valid range.
+Sampler settings live in one record, `imagen_jax.diffusion.SamplingConfig` (embedded in every
+``Stage``); it, its overrides (gin bindings per stage, launcher flags) and `sample` itself call
+`check_sampling_settings`. A NaN guidance weight (a ``w < 0`` check is False for NaN, and every
+pixel then comes out NaN, i.e. a black PNG), a fractional step count or a quantile given as a
+percentile is refused with a one-line ``ConfigError`` that names the setting and its valid
+range.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from imagen_jax.diffusion.thresholding import THRESHOLDINGS, check_percentile
+from imagen_jax.errors import ConfigError
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")  # samplers.py implements these (and imports this)
 
@@ -80,7 +81,7 @@ def check_sampling_settings(
         3.0 becomes 3), ``guidance_weight`` (finite float >= 0), ``thresholding`` (str),
         ``percentile`` (float in [1, 100]) and ``aug_level`` (finite float in [0, 1]). A value of
         None is refused: callers drop the settings they leave unset.
-      where: prefix of the setting's name in messages (``"SamplingConfig."``, ``"Stage."``).
+      where: prefix of the setting's name in messages (``"SamplingConfig."``, ``"stage 1: "``).
       names: how the caller spells a setting (``{"num_steps": "num_sample_steps"}``, or a
         command-line flag such as ``{"guidance_weight": "--guidance"}``).
 
@@ -88,10 +89,20 @@ def check_sampling_settings(
       ``{setting: value}`` with numbers as Python int / float.
 
     Raises:
-      ValueError: one line naming the first bad setting (as the caller spells it), its value and
-        its valid range; also for a setting name that is not one of the six.
+      ConfigError: one line naming the first bad setting (as the caller spells it), its value
+        and its valid range; also for a setting name that is not one of the six.
     """
-    names = dict(names or {})
+    try:
+        return _check_settings(settings, where, dict(names or {}))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+
+
+def _check_settings(
+    settings: Mapping[str, Any], where: str, names: Mapping[str, str]
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for setting, value in settings.items():
         label = f"{where}{names.get(setting, setting)}"

@@ -523,6 +523,7 @@ def load_clip_tokenizer(path: str, context_length: int = 77) -> TokenizeFn:
             f"no CLIP tokenizer (vocab.json + merges.txt) in {directory!r}; pass --clip_tokenizer "
             "pointing at a Hugging Face CLIP directory"
         )
+    # heavy: only the CLIP tokenizer is used, and only when CLIP is scored
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(directory, local_files_only=True)

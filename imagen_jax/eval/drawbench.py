@@ -28,6 +28,9 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from imagen_jax.data.shapes import CaptionParseError
+from imagen_jax.eval import shapes_score
+
 SampleFn = Callable[[list[str], int], np.ndarray]
 # scorer(images uint8 [N, H, W, 3], prompts) -> float [N] (NaN where it does not apply).
 Scorer = Callable[[np.ndarray, list[str]], np.ndarray]
@@ -244,8 +247,6 @@ def shapes_adherence_scorer(images: np.ndarray, prompts: list[str]) -> np.ndarra
     The metric needs no weights, so it is the default when no CLIP weights are given. It only
     applies to captions of the shapes grammar; other prompts (all of DrawBench) score NaN.
     """
-    from imagen_jax.data.shapes import CaptionParseError
-    from imagen_jax.eval import shapes_score
 
     out = np.full(len(prompts), np.nan)
     for i, (image, prompt) in enumerate(zip(images, prompts)):

@@ -191,7 +191,7 @@ def iter_reference(
     if reference.startswith("tfds:"):
         spec = reference[len("tfds:") :]
         name, _, split = spec.partition(":")
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy (TensorFlow): tfds only
 
         try:
             builder = tfds.builder(name, data_dir=data_dir)

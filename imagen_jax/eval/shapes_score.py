@@ -30,6 +30,7 @@ from typing import Any
 
 import gin
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from imagen_jax.data import shapes
@@ -121,7 +122,6 @@ def _downsample(image: np.ndarray, target: int) -> np.ndarray:
     if h % target == 0:
         f = h // target
         return image.reshape(target, f, target, f, 3).mean(axis=(1, 3))
-    from PIL import Image  # non-integer factor: PIL's box filter, per channel in float
 
     return np.stack(
         [
@@ -318,3 +318,9 @@ def chance_levels() -> dict[str, float]:
         "background": 1 / len(shapes.BACKGROUND_NAMES),
         "colour": 1 / len(shapes.COLOUR_NAMES),
     }
+
+
+def scorer_config(preset: str = "single") -> ScorerConfig:
+    """The scorer for a scene preset (`shapes.SCENE_PRESETS`): the same scorer, told the scenes'
+    geometry (the anchors of the positions and the small/large radii)."""
+    return ScorerConfig(spec=shapes.scene_spec(preset))

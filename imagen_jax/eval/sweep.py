@@ -118,10 +118,10 @@ def plot_sweep(points: Sequence[dict], path: str, *, title: str = "Guidance swee
     front highlighted (the paper's Figure 4). Otherwise every available metric against the
     guidance weight (e.g. shapes adherence when no feature-extractor weights were given).
     """
-    import matplotlib
+    import matplotlib  # optional plotting dependency, loaded only to draw the curve
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional plotting dependency, loaded only to draw the curve
 
     def has(key):
         return all(p.get(key) is not None and not math.isnan(p[key]) for p in points)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import load_file
 
 StateDict = dict[str, np.ndarray]
 
@@ -215,7 +216,6 @@ def load_state_dict(path: str) -> StateDict:
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
 
         return dict(load_file(path))
     if zipfile.is_zipfile(path):

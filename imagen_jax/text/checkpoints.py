@@ -18,8 +18,13 @@ from typing import Any, Protocol
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import tensorstore as ts
+from flax import serialization
+from safetensors import safe_open
 
+from imagen_jax.errors import CheckpointError
 from imagen_jax.text.config import T5Config, UnsupportedT5ConfigError, read_hf_config
 from imagen_jax.text.t5 import T5Encoder
 
@@ -29,10 +34,6 @@ T5X_MSGPACK = "checkpoint"
 # Elements hashed per parameter for the fingerprint: a strided sample distinguishes any two
 # trained or random checkpoints without reading 19 GB through a hash.
 _FINGERPRINT_SAMPLES = 4096
-
-
-class CheckpointError(ValueError):
-    """A missing, unreadable or mismatching checkpoint; the message names the path and fix."""
 
 
 class WeightSource(Protocol):
@@ -94,7 +95,6 @@ def _read_safetensors_raw(path: str, key: str) -> np.ndarray:
 
     Used for dtypes the numpy backend of ``safetensors`` rejects (BF16 checkpoints).
     """
-    import ml_dtypes
 
     dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
     with open(path, "rb") as f:
@@ -118,7 +118,6 @@ class HFSource:
     """
 
     def __init__(self, path: str, config: T5Config | None = None):
-        from safetensors import safe_open
 
         self.path = path
         self.config = config or read_hf_config(path)
@@ -238,7 +237,6 @@ class T5XSource:
     """
 
     def __init__(self, path: str, config: T5Config | None = None):
-        from flax import serialization
 
         self.path = path
         ckpt = os.path.join(path, T5X_MSGPACK)
@@ -269,7 +267,6 @@ class T5XSource:
         return spec
 
     def _open(self, name: str) -> Any:
-        import tensorstore as ts
 
         try:
             return ts.open(self._spec(self._leaves[name]), read=True).result()

@@ -14,13 +14,15 @@ from typing import Any
 
 import gin
 
+from imagen_jax.errors import CheckpointError
+
 # Activation names follow the Hugging Face `feed_forward_proj` suffixes; "gelu_new" is the tanh
 # approximation that T5 v1.1 / Flan-T5 were trained with (`gated-gelu` maps to it in HF and T5X).
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 DTYPES = ("float32", "bfloat16")
 
 
-class UnsupportedT5ConfigError(ValueError):
+class UnsupportedT5ConfigError(CheckpointError):
     """A checkpoint config this encoder cannot represent; the message names the offending field."""
 
 

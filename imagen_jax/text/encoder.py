@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from imagen_jax import partitioning
 from imagen_jax.text.checkpoints import abstract_params, load_params, open_checkpoint
@@ -189,7 +190,6 @@ def load_t5(
         shardings = partitioning.logical_to_shardings(specs, mesh, rules)
     bar = None
     if progress:
-        from tqdm import tqdm
 
         bar = lambda it: tqdm(it, desc="loading T5", unit="array")  # noqa: E731
     params, digest = load_params(source, param_dtype, shardings, progress=bar)

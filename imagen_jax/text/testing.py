@@ -8,14 +8,20 @@ the T5X layout (msgpack ``checkpoint`` + zarr arrays), without needing t5x insta
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import json
 import os
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from typing import Any
 
 import numpy as np
+import sentencepiece as spm
+import tensorstore as ts
+from flax import serialization
+from safetensors.numpy import save_file
 
 from imagen_jax.text.config import T5Config, t5_preset, to_hf_config
 
@@ -82,7 +88,6 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str) ->
     Ids: pad 0, eos 1, unk 2, no bos (T5 convention). ``vocab_size`` is an upper bound: small
     corpora get fewer pieces (``hard_vocab_limit=False``).
     """
-    import sentencepiece as spm
 
     texts = [t for t in texts if t.strip()]
     if not texts:
@@ -128,7 +133,6 @@ def write_random_t5(
     ``spiece.model`` is trained on ``texts`` with at most ``vocab_size`` pieces; the embedding
     table has ``vocab_size`` rows.
     """
-    from safetensors.numpy import save_file
 
     cfg = random_config(size, variant, vocab_size, **config_overrides)
     os.makedirs(out_dir, exist_ok=True)
@@ -170,8 +174,6 @@ def write_t5x(out_dir: str, target: dict[str, Any], *, step: int = 0) -> str:
     The msgpack leaves are tensorstore specs with paths relative to ``out_dir``, named like
     ``target.encoder.layers_0.attention.query.kernel`` (T5X's layout).
     """
-    import tensorstore as ts
-    from flax import serialization
 
     os.makedirs(out_dir, exist_ok=True)
 
@@ -208,8 +210,6 @@ def write_t5x(out_dir: str, target: dict[str, Any], *, step: int = 0) -> str:
 
 def drawbench_prompts() -> list[str]:
     """The 200 DrawBench prompts (Saharia et al. 2022, Section 4.2) packaged with imagen_jax."""
-    import csv
-    from importlib import resources
 
     text = resources.files("imagen_jax").joinpath("assets/drawbench.csv").read_text("utf-8")
     return [row["Prompts"] for row in csv.DictReader(io.StringIO(text))]

@@ -8,6 +8,10 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+from imagen_jax.errors import CheckpointError
 
 PAD_ID = 0
 EOS_ID = 1
@@ -24,7 +28,6 @@ def add_sentinels(model_bytes: bytes, extra_ids: int) -> bytes:
     id), user-defined: sentencepiece matches them in text (at a word start) like any piece.
     Source: ``seqio.vocabularies._load_model_internal`` (reverse_extra_ids=True, the default).
     """
-    from sentencepiece import sentencepiece_model_pb2
 
     model = sentencepiece_model_pb2.ModelProto.FromString(model_bytes)
     for i in reversed(range(extra_ids)):
@@ -33,7 +36,7 @@ def add_sentinels(model_bytes: bytes, extra_ids: int) -> bytes:
     return model.SerializeToString()
 
 
-class VocabularyError(ValueError):
+class VocabularyError(CheckpointError):
     """A missing / unreadable sentencepiece model or one that breaks T5 id conventions."""
 
 
@@ -51,7 +54,6 @@ class Tokenizer:
 
     def __init__(self, spm_path: str, max_length: int = DEFAULT_MAX_LENGTH,
                  extra_ids: int = 0):
-        import sentencepiece as spm
 
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1 (room for EOS), got {max_length}")

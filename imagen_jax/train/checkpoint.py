@@ -32,7 +32,9 @@ import gin
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
+from imagen_jax.errors import CheckpointError
 from imagen_jax.train.state import TrainState, param_shapes
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 STATE, DATA, META = "state", "data", "meta"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint that does not fit the model being trained or sampled."""
 
 
@@ -534,7 +536,6 @@ class Checkpointer:
         if self.read_only:
             return
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"imagen_jax checkpoint: {what} steps set aside")
         if hasattr(self, "manager"):

@@ -1,19 +1,14 @@
 """Training metrics: TensorBoard event files, `metrics.jsonl`, and FLOP/s from XLA cost analysis.
 
-The TensorBoard writer encodes the (tiny) `Event`/`Summary` protobufs and TFRecord framing itself,
-so logging needs neither TensorFlow nor the tensorboard package; any TensorBoard reads the files.
-Only process 0 writes.
+TensorBoard files are written by tensorboardX (no TensorFlow needed; any TensorBoard reads them);
+`metrics.jsonl` holds the same scalars, one JSON line per log step. Only process 0 writes.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import socket
-import struct
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,113 +16,6 @@ import jax
 import numpy as np
 
 from imagen_jax.data.images import uint8_to_unit, unit_to_uint8
-
-# --------------------------------------------------------------------------- protobuf + TFRecord
-
-_CRC32C_TABLE = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1  # Castagnoli polynomial (reflected)
-    _CRC32C_TABLE.append(_c)
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    # TFRecord masks the CRC so that CRCs of CRCs stay well distributed.
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-    return _varint((number << 3) | wire_type) + payload
-
-
-def _bytes_field(number: int, data: bytes) -> bytes:
-    return _field(number, 2, _varint(len(data)) + data)
-
-
-def _event(wall_time: float, step: int, *, file_version: str | None = None,
-           values: list[bytes] = ()) -> bytes:
-    """An `Event` proto: wall_time=1 (double), step=2 (int64), file_version=3, summary=5."""
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _bytes_field(3, file_version.encode())
-    if values:
-        msg += _bytes_field(5, b"".join(_bytes_field(1, v) for v in values))  # Summary.value
-    return msg
-
-
-def _scalar_value(tag: str, value: float) -> bytes:
-    # Summary.Value: tag=1, simple_value=2 (float).
-    return _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", value))
-
-
-def _image_value(tag: str, png: bytes, height: int, width: int) -> bytes:
-    # Summary.Image: height=1, width=2, colorspace=3 (3 = RGB), encoded_image_string=4.
-    image = (_field(1, 0, _varint(height)) + _field(2, 0, _varint(width))
-             + _field(3, 0, _varint(3)) + _bytes_field(4, png))
-    return _bytes_field(1, tag.encode()) + _bytes_field(4, image)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 [H, W, 3] -> PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-class TensorBoardWriter:
-    """Appends scalar and image summaries to one `events.out.tfevents.*` file."""
-
-    def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = os.path.join(logdir, name)
-        self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
-        self._write(_event(time.time(), 0, file_version="brain.Event:2"))
-
-    def _write(self, record: bytes) -> None:
-        header = struct.pack("<Q", len(record))
-        self._file.write(header + struct.pack("<I", _masked_crc(header)) + record
-                         + struct.pack("<I", _masked_crc(record)))
-
-    def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        values = [_scalar_value(k, float(v)) for k, v in scalars.items()]
-        self._write(_event(time.time(), step, values=values))
-
-    def image(self, step: int, tag: str, image: np.ndarray) -> None:
-        image = np.asarray(image, np.uint8)
-        self._write(_event(time.time(), step,
-                           values=[_image_value(tag, encode_png(image), *image.shape[:2])]))
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
 
 # --------------------------------------------------------------------------- run-level writer
 
@@ -155,13 +43,18 @@ class MetricWriter:
         self.active = jax.process_index() == 0
         if not self.active:
             return
-        self.tb = TensorBoardWriter(os.path.join(workdir, "tb"))
+        # heavy: tensorboardX imports torch whenever it is installed (1.4 s); only the process
+        # that writes pays it, not every importer of image_grid.
+        import tensorboardX
+
+        self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:
             return
-        self.tb.scalars(step, scalars)
+        for tag, value in scalars.items():
+            self.tb.add_scalar(tag, float(value), step)
         self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}})
                           + "\n")
         self._jsonl.flush()
@@ -169,7 +62,7 @@ class MetricWriter:
 
     def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
         if self.active:
-            self.tb.image(step, tag, image)
+            self.tb.add_image(tag, np.asarray(image, np.uint8), step, dataformats="HWC")
             self.tb.flush()
 
     def close(self) -> None:

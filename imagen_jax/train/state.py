@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from imagen_jax import partitioning
-from imagen_jax.train.stage import Stage
+from imagen_jax.stage import Stage, model_inputs
 
 
 @flax.struct.dataclass
@@ -44,21 +44,6 @@ class TrainState:
     rng: jax.Array
     bad_steps: jax.Array
     skipped_steps: jax.Array
-
-
-def dummy_model_inputs(stage: Stage, batch_size: int = 1) -> dict[str, jax.Array]:
-    """Zero inputs with the training shapes of `stage`, for `model.init`."""
-    res, lowres = stage.train_resolution, stage.train_lowres_resolution
-    inputs = {
-        "x": jnp.zeros((batch_size, res, res, 3), jnp.float32),
-        "t": jnp.zeros((batch_size,), jnp.float32),
-        "text_embeds": jnp.zeros((batch_size, stage.text_length, stage.text_embed_dim)),
-        "text_mask": jnp.ones((batch_size, stage.text_length), bool),
-    }
-    if lowres is not None:
-        inputs["lowres"] = jnp.zeros((batch_size, lowres, lowres, 3), jnp.float32)
-        inputs["aug_level"] = jnp.zeros((batch_size,), jnp.float32)
-    return inputs
 
 
 def _opt_state_shardings(abstract_opt_state: Any, params_shardings: Any, abstract_params: Any,
@@ -124,7 +109,7 @@ def _state_init_fn_and_shardings(
     mesh: Mesh,
     rules: partitioning.LogicalRules,
 ) -> tuple[Callable[[jax.Array], TrainState], TrainState]:
-    inputs = dummy_model_inputs(stage)
+    inputs = model_inputs(stage)
 
     def init_params(seed):
         rng = jax.random.PRNGKey(seed)

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from imagen_jax import diffusion, partitioning
-from imagen_jax.train.stage import Stage
+from imagen_jax.stage import Stage
 from imagen_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]

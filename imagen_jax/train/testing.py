@@ -8,11 +8,15 @@ a random number of real tokens.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import gin
 import numpy as np
+
+from imagen_jax.nn import presets
+from imagen_jax.stage import Stage
 
 
 class SyntheticIterator(Iterator[dict[str, np.ndarray]]):
@@ -66,6 +70,7 @@ def synthetic_data(
     process_index: int = 0,
     process_count: int = 1,
     tokenizer: Any | None = None,
+    stage: Any = None,
     resolution: int = 16,
     lowres_resolution: int | None = None,
     text_length: int = 8,
@@ -73,7 +78,12 @@ def synthetic_data(
     seed: int = 0,
     nan_at: tuple[int, ...] = (),
 ) -> SyntheticIterator:
-    """A `train.data_fn` of synthetic batches (token ids instead of embeddings with a tokenizer)."""
+    """A `train.data_fn` of synthetic batches (token ids instead of embeddings with a tokenizer).
+
+    The batch shapes are the explicit arguments (tests set them, mismatches included); ``stage``,
+    which the trainer passes every data_fn, is not read.
+    """
+    del stage
     return SyntheticIterator(
         batch_size=batch_size, resolution=resolution, lowres_resolution=lowres_resolution,
         text_length=text_length, text_embed_dim=text_embed_dim, process_index=process_index,
@@ -84,8 +94,6 @@ def synthetic_data(
 def tiny_test_stage(super_res: bool = False) -> Any:
     """A very small stage (8x8 images, ~40k parameters) whose step compiles in seconds on CPU;
     it still has every logical axis the rule sets shard (conv, embed, heads, mlp)."""
-    from imagen_jax.nn import presets
-    from imagen_jax.train.stage import Stage
 
     if super_res:
         model = presets.tiny_sr(blocks=((8, 1), (8, 1)), stem_channels=8, num_heads=2,
@@ -104,7 +112,6 @@ def tiny_test_stage(super_res: bool = False) -> Any:
 def signal_at_step(step: int, signum: int = 9) -> Any:
     """Fault injection for `train.step_callback`: the process sends itself `signum` (default
     SIGKILL) right after train step `step`."""
-    import os
 
     def callback(current: int, state: Any, metrics: Any) -> None:
         del state, metrics

@@ -23,29 +23,32 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from PIL import Image
+from tqdm import tqdm
 
 from imagen_jax import gin_utils, partitioning
+from imagen_jax.data import pipeline
 from imagen_jax.data.embed_cache import masked_encode_fn
+from imagen_jax.errors import ConfigError, TrainingError
+from imagen_jax.stage import Stage, sample_stage
 from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train.checkpoint import CheckpointConfig, Checkpointer
 from imagen_jax.train.optim import learning_rate_schedule, make_optimizer
-from imagen_jax.train.stage import Stage
-from imagen_jax.train.state import TrainState, abstract_train_state, count_params, param_shapes
+from imagen_jax.train.state import (
+    TrainState,
+    abstract_train_state,
+    count_params,
+    init_train_state,
+    param_shapes,
+)
 from imagen_jax.train.step import StepConfig, batch_shardings, jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
 DataFn = Callable[..., Iterator[Mapping[str, np.ndarray]]]
 EncodeFn = Callable[[Any, Any], Any]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. too many consecutive non-finite steps)."""
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot train; raised before any compute, naming the fix."""
 
 
 @gin.configurable
@@ -89,25 +92,44 @@ def pipeline_data(
     batch_size: int,
     process_index: int,
     process_count: int,
+    stage: Stage,
     tokenizer: Any | None = None,
     text_fingerprint: str | None = None,
     text_max_length: int | None = None,
 ) -> Iterator[Mapping[str, np.ndarray]]:
-    """`train.data_fn` for the tfds/grain pipeline (`imagen_jax.data.pipeline.make_iterator`):
-    the trainer fixes the per-host batch size and host; everything else comes from gin."""
-    from imagen_jax.data import pipeline
+    """`train.data_fn` for the tfds/grain pipeline (`imagen_jax.data.pipeline.make_iterator`).
 
+    The trainer fixes the per-host batch size, the host and the stage. The image geometry comes
+    from the stage record alone: images of `stage.train_resolution` (random crops of
+    `stage.resolution` images for a crop-trained SR stage) and, for SR stages, their copies at
+    `stage.train_lowres_resolution`. Everything else (source, crop kind, resizing, text mode)
+    comes from gin. Raises ConfigError when gin also binds the geometry.
+    """
+    for name in ("resolution", "lowres_resolution", "source_resolution"):
+        try:
+            gin.query_parameter(f"StageSpec.{name}")
+        except ValueError:
+            continue
+        raise ConfigError(
+            f"StageSpec.{name} is bound in gin, but the pipeline takes it from the Stage record "
+            "(Stage.resolution / lowres_resolution / train_crop); remove the binding")
     loader = dataclasses.replace(
         pipeline.LoaderSpec(),
         batch_size=batch_size,
         process_index=process_index,
         process_count=process_count,
     )
-    # The specs are gin-configured dataclasses (SourceSpec, StageSpec, TextSpec in the stage's
-    # gin file); built here so a config needs no `make_iterator.*` plumbing bindings.
+    spec = dataclasses.replace(
+        pipeline.StageSpec(),
+        resolution=stage.train_resolution,
+        lowres_resolution=stage.train_lowres_resolution,
+        source_resolution=stage.resolution if stage.train_crop else None,
+    )
+    # SourceSpec and TextSpec are gin-configured dataclasses (in the stage's gin file); built
+    # here so a config needs no `make_iterator.*` plumbing bindings.
     return pipeline.make_iterator(
         source=pipeline.SourceSpec(),
-        stage=pipeline.StageSpec(),
+        stage=spec,
         loader=loader,
         text=pipeline.TextSpec(),
         tokenizer=tokenizer,
@@ -134,7 +156,6 @@ class _Preemption:
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
             # All hosts must agree on the step to stop at, or the collective save deadlocks.
-            from jax.experimental import multihost_utils
 
             try:
                 return bool(multihost_utils.reached_preemption_sync_point(step))
@@ -232,8 +253,9 @@ def train(
     """Trains `stage` in `workdir` (resuming from its latest checkpoint); returns the final state.
 
     Args:
-      data_fn: `data_fn(batch_size=, process_index=, process_count=[, tokenizer=])` -> iterator
-        of host-local batches (DESIGN.md batch dicts); its iterator state is checkpointed.
+      data_fn: `data_fn(batch_size=, process_index=, process_count=, stage=[, tokenizer=])` ->
+        iterator of host-local batches (DESIGN.md batch dicts) for `stage`; its iterator state
+        is checkpointed.
       text_encoder: for token batches: tokenizes in the pipeline and encodes in the trainer
         (`imagen_jax.data.embed_cache.masked_encode_fn`); or pass `encode_fn(ids, mask)`.
       mesh: defaults to gin's `make_mesh()`.
@@ -266,7 +288,7 @@ def train(
     # ---- Data (host-local batches).
     local_batch = config.batch_size // jax.process_count()
     data_kwargs = dict(batch_size=local_batch, process_index=jax.process_index(),
-                       process_count=jax.process_count())
+                       process_count=jax.process_count(), stage=stage)
     if text_encoder is not None:
         data_kwargs["tokenizer"] = text_encoder
     data_iter = data_fn(**data_kwargs)
@@ -280,7 +302,6 @@ def train(
         state = ckpt.restore(abstract_state, data_iter)
         log.info("resuming from %s step %d", ckpt.directory, ckpt.restored_step)
     else:
-        from imagen_jax.train.state import init_train_state
 
         state, _ = init_train_state(stage.model, tx, stage, config.seed, mesh, rules)
     start_step = int(jax.device_get(state.step))
@@ -311,8 +332,18 @@ def train(
     preemption = _Preemption()
     progress = _progress_bar(config, start_step, is_main)
 
+    # The record every checkpoint stores (the cascade loads it without gin), with the encoder
+    # the stage was actually trained with.
+    fingerprint = (stage.text_fingerprint or getattr(text_encoder, "fingerprint", None)
+                   or getattr(data_iter, "text_fingerprint", None))
+    try:
+        stage_record = stage.replace(text_fingerprint=fingerprint).to_dict()
+    except ConfigError as e:  # a custom model whose fields JSON cannot hold: train anyway
+        log.warning("checkpoints get no stage record, so the cascade cannot load them: %s", e)
+        stage_record = None
+
     def meta():
-        return {"operative_config": gin_utils.operative_config(),
+        return {"operative_config": gin_utils.operative_config(), "stage": stage_record,
                 "param_shapes": param_shapes(abstract_state.params),
                 "process_count": jax.process_count(), "num_params": num_params}
 
@@ -399,7 +430,6 @@ def _check_bad_steps(step_metrics: Mapping[str, jax.Array], max_bad: int, step: 
 
 
 def _progress_bar(config: TrainConfig, start: int, enabled: bool) -> Any:
-    from tqdm import tqdm
 
     return tqdm(total=config.num_steps, initial=start, disable=not (enabled and
                 config.progress_bar), dynamic_ncols=True, desc="train")
@@ -409,43 +439,36 @@ class _SampleGrid:
     """Periodic sample grids from the EMA params on fixed examples (the first data batch)."""
 
     def __init__(self, stage: Stage, config: TrainConfig, mesh: Mesh):
-        from imagen_jax.cascade import CascadeStage
-
         # Sampled at the stage's own settings except for the step count (a cheap preview).
-        self.cascade_stage = CascadeStage.from_train_stage(stage, name="train").with_sampling(
-            num_steps=config.sample_steps)
+        self.stage = stage.replace(name="train").with_sampling(num_steps=config.sample_steps)
         self.num_samples, self.mesh = config.num_samples, mesh
         self.batch: dict[str, np.ndarray] | None = None
         self._fn = None
 
     def set_batch(self, batch: Mapping[str, jax.Array]) -> None:
-        from jax.experimental import multihost_utils
 
         keys = ("text_embeds", "text_mask", "lowres")
         gathered = multihost_utils.process_allgather({k: batch[k] for k in keys if k in batch},
                                                      tiled=True)
         self.batch = {k: np.asarray(v)[: self.num_samples] for k, v in gathered.items()}
         low = self.batch.get("lowres")
-        if low is not None and low.shape[1] != self.cascade_stage.lowres_resolution:
+        if low is not None and low.shape[1] != self.stage.lowres_resolution:
             # Crop-trained SR stage: preview at the training crop size (fully convolutional).
-            upscale = self.cascade_stage.resolution // self.cascade_stage.lowres_resolution
-            self.cascade_stage = self.cascade_stage.replace(
-                lowres_resolution=low.shape[1], resolution=low.shape[1] * upscale)
+            self.stage = self.stage.replace(lowres_resolution=low.shape[1],
+                                            resolution=low.shape[1] * self.stage.upscale,
+                                            train_crop=None)
 
     def write(self, step: int, ema_params: Any, writer: metrics_lib.MetricWriter,
               workdir: str) -> None:
-        from imagen_jax.cascade import sample_stage
-
         if self._fn is None:
             self._fn = jax.jit(lambda params, embeds, mask, lowres: sample_stage(
-                self.cascade_stage, params, embeds, mask, jax.random.PRNGKey(0), lowres=lowres))
+                self.stage, params, embeds, mask, jax.random.PRNGKey(0), lowres=lowres))
         b = self.batch
         with partitioning.mesh_context(self.mesh):
             images = self._fn(ema_params, b["text_embeds"], b["text_mask"], b.get("lowres"))
         grid = metrics_lib.image_grid(np.asarray(jax.device_get(images)))
         writer.write_image(step, "samples", grid)
         if jax.process_index() == 0:
-            from PIL import Image
 
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
             Image.fromarray(grid).save(os.path.join(workdir, "samples", f"{step:08d}.png"))

@@ -1,12 +1,13 @@
 r"""Probe a `make demo` super-resolution variant: train on crops for a wall-clock budget, then
 upsample the ground-truth low-res heldout images and score the result.
 
-A development tool like ``tools.demo_base_probe``: no trainer, the training set in memory. Because
+A development tool like ``experiments.demo_base_probe``: no trainer, the training set in
+memory. Because
 the input is the ground truth, the score says only whether the stage keeps the content it is
 given (a bicubic resize of the same inputs scores 100% exact). The sr128/sr512 settings of
 ``gin_configs/demo`` were chosen with it:
 
-    python -m tools.demo_sr_probe --resolution=128 --prediction=x0 --train_aug_max=0.15 \
+    python -m experiments.demo_sr_probe --resolution=128 --prediction=x0 --train_aug_max=0.15 \
         --seconds=150 --evals=0.05:4,0.0:8
 """
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from experiments.demo_base_probe import adam_with_ema, encode
 from imagen_jax import diffusion
 from imagen_jax.data import shapes
 from imagen_jax.eval import shapes_score
@@ -31,8 +33,6 @@ from imagen_jax.nn.presets import tiny_sr
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
 from imagen_jax.train.step import random_aligned_crop
-from launch.demo import heldout_images, heldout_prompts
-from tools.demo_base_probe import adam_with_ema, encode
 
 SCORES = ("exact_match", "colour", "shape", "size", "position", "relation", "count")
 
@@ -73,9 +73,9 @@ def main() -> None:
         write_random_t5(t5_dir, texts=captions, vocab_size=512)
     encoder = load_t5(t5_dir, max_length=a.text_length)
     embeds, masks = (jnp.asarray(v) for v in encode(encoder, captions))
-    prompts = heldout_prompts(a.num_eval)
+    prompts = shapes.heldout_prompts(a.num_eval)
     eval_embeds, eval_masks = (jnp.asarray(v) for v in encode(encoder, prompts))
-    truth = jnp.asarray(heldout_images(a.num_eval, low_res), jnp.float32) / 127.5 - 1.0
+    truth = jnp.asarray(shapes.heldout_images(a.num_eval, low_res), jnp.float32) / 127.5 - 1.0
     hi_u8, lo_u8 = jnp.asarray(hi), jnp.asarray(lo)
 
     def to_float(u8: jax.Array) -> jax.Array:

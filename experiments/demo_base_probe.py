@@ -5,7 +5,7 @@ trainer (no checkpoints, no sharding) and holds the whole training set in memory
 costs only its training time. Every few minutes it samples the first ``--num_eval`` heldout (and
 optionally train) prompts with the EMA parameters and prints the shapes adherence scores.
 
-    python -m tools.demo_base_probe --resolution=32 --patch_size=2 --prediction=v \
+    python -m experiments.demo_base_probe --resolution=32 --patch_size=2 --prediction=v \
         --seconds=600 --eval_every=200
 
 The README table "Base-stage probes" (section `make demo`: measured) was made with it.
@@ -33,7 +33,6 @@ from imagen_jax.nn import BaseUNet
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
 from imagen_jax.train.step import StepConfig, ema_decay_at, ema_update
-from launch.demo import heldout_prompts
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -108,7 +107,7 @@ def main() -> None:
         write_random_t5(t5_dir, texts=captions[:4000], vocab_size=512)
     encoder = load_t5(t5_dir, max_length=a.text_length)
     embeds, masks = (jnp.asarray(v) for v in encode(encoder, captions))
-    eval_sets = {"heldout": heldout_prompts(a.num_eval)}
+    eval_sets = {"heldout": shapes.heldout_prompts(a.num_eval)}
     if a.eval_train:
         eval_sets["train"] = captions[:a.num_eval]
     eval_text = {k: encode(encoder, v) for k, v in eval_sets.items()}

@@ -1,0 +1,151 @@
+"""Loading trained stages (the trainer's orbax checkpoints and their stage records) onto any
+mesh, and the per-stage sampler overrides bound in gin."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+from jax.sharding import Mesh
+
+from imagen_jax import partitioning
+from imagen_jax.cascade.params import param_shardings
+from imagen_jax.cascade.program import check_chain
+from imagen_jax.cascade.runtime import Cascade
+from imagen_jax.diffusion import SamplingConfig, check_sampling_settings
+from imagen_jax.errors import CascadeError, CheckpointError
+from imagen_jax.stage import Stage, abstract_params
+from imagen_jax.text import load_t5
+from imagen_jax.train.checkpoint import Checkpointer
+
+PyTree = Any
+
+
+# What a user may override per stage at sampling time: the fields of the stage's SamplingConfig.
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+
+
+def gin_sampling_overrides(num_stages: int) -> list[dict[str, Any]]:
+    """The sampler settings bound in gin, per stage: ``SamplingConfig.<field>`` applies to every
+    stage, ``stage<i>/SamplingConfig.<field>`` to stage i only (and wins). Unbound fields keep
+    the value the stage was trained with (its checkpoint's record).
+
+    Raises ConfigError (one line, naming the stage and the setting) for an invalid value.
+    """
+    out = []
+    for i in range(num_stages):
+        values = {}
+        for field in SAMPLING_FIELDS:
+            for key in (f"SamplingConfig.{field}", f"stage{i}/SamplingConfig.{field}"):
+                try:
+                    values[field] = gin.query_parameter(key)
+                except ValueError:  # not bound
+                    continue
+        out.append(check_sampling_settings(values, where=f"stage {i}: SamplingConfig."))
+    return out
+
+
+def load_stage(
+    workdir: str,
+    *,
+    mesh: Mesh,
+    rules: partitioning.LogicalRules,
+    step: int | None = None,
+    name: str | None = None,
+) -> tuple[Stage, PyTree]:
+    """(Stage, EMA params sharded on ``mesh``) from a trainer workdir.
+
+    The stage comes from the record the trainer stores with every checkpoint (`Stage.to_dict`;
+    no gin involved), named after the directory unless ``name`` is given. The EMA parameters are
+    restored straight into their shards (orbax), whatever mesh trained them.
+
+    Raises CascadeError (missing directory, no complete checkpoint, unreadable parameters) or
+    CheckpointError (a checkpoint without a stage record, or one of another format).
+    """
+
+    if not os.path.isdir(workdir):
+        raise CascadeError(
+            f"stage directory {workdir!r} does not exist; pass the trainer's --workdir of each "
+            "stage, base first"
+        )
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        # The newest COMPLETE step (incomplete ones are skipped with a warning); without an
+        # explicit step, restore_params falls back past one whose arrays cannot be read.
+        requested, step = step, ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CascadeError(
+                f"stage directory {workdir!r} holds no complete checkpoint; train it first "
+                "(python -m launch.train --workdir=...)"
+            )
+        meta = ckpt.read_meta(step)
+        where = f"checkpoint {step} of {workdir!r}"
+        if meta.get("stage") is None:
+            raise CheckpointError(
+                f"{where} holds no stage record (written by imagen-jax before 2026-12-01, which "
+                "kept only the gin config); retrain the stage with this version")
+        stage = Stage.from_dict(meta["stage"], where=where).replace(
+            name=name or os.path.basename(os.path.normpath(workdir)))
+        shardings = param_shardings(stage, mesh, rules)
+        abstract = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nn.meta.unbox(abstract_params(stage)),
+            shardings,
+        )
+        try:
+            params = ckpt.restore_params(abstract, requested)
+        except ValueError as e:
+            raise CascadeError(f"stage {workdir!r}: {e}") from e
+    finally:
+        ckpt.close()
+    return stage, params
+
+
+def load_cascade(
+    stage_dirs: Sequence[str],
+    t5: str | None = None,
+    *,
+    mesh: Mesh | None = None,
+    rules: partitioning.LogicalRules | None = None,
+    overrides: Sequence[dict[str, Any]] | None = None,
+    max_batch: int | None = None,
+    t5_dtype: str = "float32",
+) -> Cascade:
+    """A ``Cascade`` from trainer workdirs (base first) and a T5 checkpoint directory.
+
+    ``overrides[i]`` changes stage i's saved sampler settings (``SamplingConfig`` field names;
+    see ``gin_sampling_overrides``).
+    Refuses stages whose resolutions do not chain or that were trained with another encoder.
+    """
+
+    if not stage_dirs:
+        raise CascadeError("no stage directories given; pass --stages=DIR1[,DIR2,...]")
+    missing = [d for d in stage_dirs if not os.path.isdir(d)]
+    if missing:
+        raise CascadeError(
+            f"stage directory {missing[0]!r} does not exist; pass the trainer's --workdir of "
+            "each stage, base first"
+        )
+    mesh = mesh if mesh is not None else partitioning.make_mesh()
+    rules = tuple(rules if rules is not None else partitioning.logical_axis_rules())
+    loaded = [load_stage(d, mesh=mesh, rules=rules) for d in stage_dirs]
+    stages = [s for s, _ in loaded]
+    for i, over in enumerate(overrides or ()):
+        if over:
+            stages[i] = stages[i].with_sampling(**over)
+    check_chain(stages)  # before loading T5: cheap, clear errors first
+    encoder = None
+    if t5 is not None:
+        if not os.path.isdir(t5):
+            raise CascadeError(f"T5 directory {t5!r} does not exist; pass --t5=PATH")
+        length = stages[0].text_length or 128
+        encoder = load_t5(t5, dtype=t5_dtype, max_length=length, mesh=mesh)
+    return Cascade(
+        stages, [p for _, p in loaded], text_encoder=encoder, mesh=mesh, rules=rules,
+        max_batch=max_batch,
+    )

@@ -1,0 +1,102 @@
+"""The pure cascade program: the chain check and every stage sampled in order (traceable).
+
+Each stage is sampled by `imagen_jax.stage.sample_stage`; stage i draws its randomness from
+``fold_in(rng, i)`` whichever slice of the cascade runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+
+from imagen_jax.errors import CascadeError
+from imagen_jax.stage import Stage, sample_stage
+
+PyTree = object
+
+
+def check_chain(stages: Sequence[Stage], text_fingerprint: str | None = None) -> None:
+    """Raises ``CascadeError`` unless ``stages`` form a valid cascade (or a slice of one).
+
+    Checks: only the first stage may be a base stage; every SR stage's low resolution equals the
+    previous stage's resolution; all stages were trained with the same text encoder (and with
+    ``text_fingerprint`` when given).
+    """
+    if not stages:
+        raise CascadeError("the cascade has no stages; pass at least one stage")
+    for i, stage in enumerate(stages):
+        label = stage.name or f"stage {i}"
+        if i > 0 and not stage.is_super_res:
+            raise CascadeError(
+                f"{label} is a base (text-to-image) stage but sits at position {i} of the cascade; "
+                "only the first stage may be a base stage (order the stages base, SR, SR)"
+            )
+        if stage.is_super_res and stage.resolution <= stage.lowres_resolution:
+            raise CascadeError(
+                f"{label}: resolution {stage.resolution} is not above its low resolution "
+                f"{stage.lowres_resolution}"
+            )
+        if i > 0 and stage.lowres_resolution != stages[i - 1].resolution:
+            prev = stages[i - 1].name or f"stage {i - 1}"
+            raise CascadeError(
+                f"{label} expects {stage.lowres_resolution}px inputs but {prev} makes "
+                f"{stages[i - 1].resolution}px images; pass stages whose resolutions chain"
+            )
+    dims = {s.text_embed_dim for s in stages if s.text_embed_dim is not None}
+    if len(dims) > 1:
+        raise CascadeError(
+            "stages expect text embeddings of different sizes "
+            f"({[s.text_embed_dim for s in stages]}); all stages must share one text encoder"
+        )
+    prints = {s.text_fingerprint for s in stages if s.text_fingerprint is not None}
+    if text_fingerprint is not None:
+        prints.add(text_fingerprint)
+    if len(prints) > 1:
+        detail = ", ".join(f"{s.name or i}={s.text_fingerprint}" for i, s in enumerate(stages))
+        extra = f", encoder={text_fingerprint}" if text_fingerprint is not None else ""
+        raise CascadeError(
+            f"stages were trained with different text encoders ({detail}{extra}); every stage "
+            "must use the T5 checkpoint and max_length it was trained with"
+        )
+
+
+def sample_cascade(
+    stages: Sequence[Stage],
+    params: Sequence[PyTree],
+    text_embeds: jax.Array,
+    text_mask: jax.Array,
+    rng: jax.Array,
+    lowres: jax.Array | None = None,
+    *,
+    first_stage_index: int = 0,
+    on_step: Callable[[int, jax.Array], None] | None = None,
+    return_finite: bool = False,
+) -> tuple[jax.Array, ...] | tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Runs ``stages`` in order; returns every stage's images (float32 [B, R_i, R_i, 3]).
+
+    Pure and traceable. ``lowres`` is required when ``stages[0]`` is an SR stage.
+    ``first_stage_index`` is the position of ``stages[0]`` in the full cascade: stage i draws
+    its randomness from ``fold_in(rng, i)`` whichever slice runs it. With ``return_finite``
+    returns (images, finite) where finite[i] is stage i's bool [B] (see ``sample_stage``).
+    """
+    outputs, finite = [], []
+    images = lowres
+    for i, (stage, stage_params) in enumerate(zip(stages, params)):
+        index = first_stage_index + i
+        step_cb = None if on_step is None else (lambda t, index=index: on_step(index, t))
+        images, ok = sample_stage(
+            stage,
+            stage_params,
+            text_embeds,
+            text_mask,
+            jax.random.fold_in(rng, index),
+            lowres=images if stage.is_super_res else None,
+            on_step=step_cb,
+            return_finite=True,
+        )
+        outputs.append(images)
+        finite.append(ok)
+    if return_finite:
+        return tuple(outputs), tuple(finite)
+    return tuple(outputs)
