@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import re
 from collections.abc import Sequence
 
 import gin
@@ -91,9 +92,14 @@ def parse(
     try:
         gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
     except (ValueError, KeyError, SyntaxError, NameError) as e:
+        token = re.search(r"Failed to parse token '([^']*)'", str(e))
+        if token:  # gin values are Python literals; say so instead of echoing the parser
+            raise GinConfigError(
+                f"bad gin value {token.group(1)!r}: gin values are Python literals (numbers, "
+                "'quoted strings', [lists], None); NaN cannot be written") from e
         raise GinConfigError(
-            f"bad gin configuration: {e}\nCheck the binding's spelling against the "
-            "configurables (`python -m launch.summary --help` lists the gin files)."
+            f"bad gin configuration: {e}\nCheck the binding's spelling against the configurable's "
+            "parameters (the shipped gin files are under gin_configs/)."
         ) from e
     if finalize:
         gin.finalize()

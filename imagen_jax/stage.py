@@ -206,9 +206,15 @@ class Stage:
         if unknown:
             raise CheckpointError(f"{where}: unknown stage fields {unknown}; written by a newer "
                                   "imagen-jax?")
-        record["model"] = _module_from_dict(record["model"], where)
-        record["sampling"] = SamplingConfig(**record.get("sampling", {}))
-        return cls(**record)
+        try:
+            record["model"] = _module_from_dict(record["model"], where)
+            record["sampling"] = SamplingConfig(**record.get("sampling", {}))
+            return cls(**record)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:  # a damaged or hand-edited record
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{where}: unusable stage record: {first}") from None
 
 
 def _module_to_dict(module: nn.Module) -> dict[str, Any]:

@@ -160,6 +160,25 @@ def test_gin_sampling_overrides_are_validated_with_the_stage_named():
         assert cascade.gin_sampling_overrides(1) == [{"num_steps": 3}]
     finally:
         gin.clear_config()
+    # A scope that names no stage would be ignored silently: refused instead.
+    for scope in ("stage5", "tiny_sr"):
+        gin.parse_config(f"{scope}/SamplingConfig.num_steps = 2")
+        try:
+            with pytest.raises(ConfigError, match=rf"scope '{scope}', which names no stage of "
+                               r"this 2-stage cascade; use stage0/ \.\.\. stage1/") as e:
+                cascade.gin_sampling_overrides(2)
+        finally:
+            gin.clear_config()
+        _one_line(e.value)
+
+
+def test_unparsable_gin_value_names_the_value_not_a_parser_object():
+    with pytest.raises(gin_utils.GinConfigError, match=r"bad gin value 'nan': gin values are "
+                       "Python literals") as e:
+        gin_utils.parse(bindings=["stage0/SamplingConfig.guidance_weight = nan"], finalize=False)
+    gin.clear_config()
+    assert "object at 0x" not in str(e.value)
+    _one_line(e.value)
 
 
 def test_aug_level_above_the_trained_range_warns():

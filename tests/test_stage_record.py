@@ -71,6 +71,17 @@ def test_records_of_another_format_or_with_unknown_fields_are_refused(gin_stage)
         Stage.from_dict({**record, "model": {"class": "Transformer", "fields": {}}})
     with pytest.raises(CheckpointError, match="model class '__main__:Net' cannot be imported"):
         Stage.from_dict({**record, "model": {"class": "__main__:Net", "fields": {}}})
+    # Damaged (hand-edited) records: one line naming the record, no traceback from inside.
+    no_model = {k: v for k, v in record.items() if k != "model"}
+    with pytest.raises(CheckpointError, match="unusable stage record"):
+        Stage.from_dict(no_model)
+    typo = {**record, "sampling": {**record["sampling"], "guidence_weight": 2.0}}
+    with pytest.raises(CheckpointError, match="unusable stage record.*guidence_weight"):
+        Stage.from_dict(typo)
+    nan = {**record, "sampling": {**record["sampling"], "guidance_weight": float("nan")}}
+    with pytest.raises(CheckpointError, match=r"stage record: unusable stage record: "
+                       r"SamplingConfig\.guidance_weight=nan"):
+        Stage.from_dict(nan)
 
 
 def test_a_checkpoint_without_a_stage_record_is_refused_in_one_line(tmp_path, gin_stage):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from imagen_jax.cascade.params import param_shardings
 from imagen_jax.cascade.program import check_chain
 from imagen_jax.cascade.runtime import Cascade
 from imagen_jax.diffusion import SamplingConfig, check_sampling_settings
-from imagen_jax.errors import CascadeError, CheckpointError
+from imagen_jax.errors import CascadeError, CheckpointError, ConfigError
 from imagen_jax.stage import Stage, abstract_params
 from imagen_jax.text import load_t5
 from imagen_jax.train.checkpoint import Checkpointer
@@ -35,8 +36,17 @@ def gin_sampling_overrides(num_stages: int) -> list[dict[str, Any]]:
     stage, ``stage<i>/SamplingConfig.<field>`` to stage i only (and wins). Unbound fields keep
     the value the stage was trained with (its checkpoint's record).
 
-    Raises ConfigError (one line, naming the stage and the setting) for an invalid value.
+    Raises ConfigError (one line, naming the stage and the setting) for an invalid value, and
+    for a binding in a scope other than ``stage0`` ... ``stage<num_stages-1>`` (it would be
+    silently ignored).
     """
+    valid = {f"stage{i}" for i in range(num_stages)}
+    for scope in sorted(set(re.findall(r"^([\w./-]+)/SamplingConfig\.", gin.config_str(), re.M))):
+        if scope not in valid:
+            raise ConfigError(
+                f"SamplingConfig bound in scope {scope!r}, which names no stage of this "
+                f"{num_stages}-stage cascade; use stage0/ ... stage{num_stages - 1}/, or no scope "
+                "for every stage")
     out = []
     for i in range(num_stages):
         values = {}
