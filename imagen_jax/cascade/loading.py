@@ -9,18 +9,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import gin
-import jax
 from jax.sharding import Mesh
 
 from imagen_jax import partitioning
-from imagen_jax.cascade.params import param_shardings
+from imagen_jax.cascade.params import sharded_abstract_params
 from imagen_jax.cascade.program import check_chain
 from imagen_jax.cascade.runtime import Cascade
 from imagen_jax.diffusion import SamplingConfig, check_sampling_settings
 from imagen_jax.errors import CascadeError, CheckpointError, ConfigError
-from imagen_jax.stage import Stage, abstract_params
+from imagen_jax.stage import Stage
 from imagen_jax.text import load_t5
 from imagen_jax.train.checkpoint import Checkpointer
 
@@ -77,7 +75,6 @@ def load_stage(
     Raises CascadeError (missing directory, no complete checkpoint, unreadable parameters) or
     CheckpointError (a checkpoint without a stage record, or one of another format).
     """
-
     if not os.path.isdir(workdir):
         raise CascadeError(
             f"stage directory {workdir!r} does not exist; pass the trainer's --workdir of each "
@@ -101,14 +98,8 @@ def load_stage(
                 "kept only the gin config); retrain the stage with this version")
         stage = Stage.from_dict(meta["stage"], where=where).replace(
             name=name or os.path.basename(os.path.normpath(workdir)))
-        shardings = param_shardings(stage, mesh, rules)
-        abstract = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            nn.meta.unbox(abstract_params(stage)),
-            shardings,
-        )
         try:
-            params = ckpt.restore_params(abstract, requested)
+            params = ckpt.restore_params(sharded_abstract_params(stage, mesh, rules), requested)
         except ValueError as e:
             raise CascadeError(f"stage {workdir!r}: {e}") from e
     finally:
@@ -132,7 +123,6 @@ def load_cascade(
     see ``gin_sampling_overrides``).
     Refuses stages whose resolutions do not chain or that were trained with another encoder.
     """
-
     if not stage_dirs:
         raise CascadeError("no stage directories given; pass --stages=DIR1[,DIR2,...]")
     missing = [d for d in stage_dirs if not os.path.isdir(d)]

@@ -27,8 +27,7 @@ def param_shardings(
     """NamedShardings for ``stage``'s parameters from the model's logical axis annotations
     (the trainer's shardings; replicated for a ``params`` tree of another structure)."""
     abstract = abstract_params(stage)
-    specs = partitioning.logical_specs(abstract)
-    shardings = partitioning.logical_to_shardings(specs, mesh, rules)
+    shardings = _shardings(abstract, mesh, rules)
     if params is not None:
         ref = jax.tree_util.tree_structure(params)
         got = jax.tree_util.tree_structure(nn.meta.unbox(abstract))
@@ -36,6 +35,19 @@ def param_shardings(
             # A custom tree: fall back to replication (still correct).
             return jax.tree_util.tree_map(lambda _: partitioning.replicated(mesh), params)
     return shardings
+
+
+def sharded_abstract_params(stage: Stage, mesh: Mesh, rules: partitioning.LogicalRules) -> PyTree:
+    """ShapeDtypeStructs of ``stage``'s parameters carrying their shardings (an orbax restore
+    target), from one trace of the model's init."""
+    abstract = abstract_params(stage)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(abstract), _shardings(abstract, mesh, rules))
+
+
+def _shardings(abstract: PyTree, mesh: Mesh, rules: partitioning.LogicalRules) -> PyTree:
+    return partitioning.logical_to_shardings(partitioning.logical_specs(abstract), mesh, rules)
 
 
 def random_params(stage: Stage, seed: int = 0) -> PyTree:

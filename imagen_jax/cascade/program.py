@@ -7,13 +7,14 @@ Each stage is sampled by `imagen_jax.stage.sample_stage`; stage i draws its rand
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 
 from imagen_jax.errors import CascadeError
 from imagen_jax.stage import Stage, sample_stage
 
-PyTree = object
+PyTree = Any
 
 
 def check_chain(stages: Sequence[Stage], text_fingerprint: str | None = None) -> None:

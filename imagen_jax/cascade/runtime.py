@@ -9,7 +9,6 @@ one compiled program.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,7 +29,6 @@ from imagen_jax.stage import Stage
 
 PyTree = Any
 
-log = logging.getLogger(__name__)
 
 
 def _non_finite_images(x: np.ndarray) -> list[int]:
