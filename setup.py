@@ -17,6 +17,7 @@ CORE = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "matplotlib>=3.8",
+    "jinja2>=3.1",  # the HTML pages (demo report, DrawBench report, side-by-side rating)
 ]
 DATA = [
     "tensorflow-datasets>=4.9.7",
@@ -51,14 +52,16 @@ setup(
     version="0.1.0",
     description="Imagen cascaded text-to-image diffusion in JAX/Flax",
     python_requires=">=3.10",
-    # imagen_jax/assets (the DrawBench prompts) is a data-only package: listed explicitly, since
-    # find_packages skips folders without __init__.py and setuptools warns about ambiguous data.
+    # imagen_jax/assets (the DrawBench prompts) and imagen_jax/eval/templates (the jinja2 HTML
+    # pages) are data-only packages: listed explicitly, since find_packages skips folders without
+    # __init__.py and setuptools warns about ambiguous data.
     # gin_configs/ ships inside the package as imagen_jax/gin_configs (also data-only), so an
     # installed launcher finds `--gin_file=base64.gin` by name from any directory.
     packages=find_packages(include=["imagen_jax", "imagen_jax.*", "launch"])
-    + ["imagen_jax.assets", "imagen_jax.gin_configs"],
+    + ["imagen_jax.assets", "imagen_jax.eval.templates", "imagen_jax.gin_configs"],
     package_dir={"imagen_jax.gin_configs": "gin_configs"},
     package_data={"imagen_jax.assets": ["*.csv", "*.md"],
+                  "imagen_jax.eval.templates": ["*.j2"],
                   "imagen_jax.gin_configs": ["*.gin", "*/*.gin", "*/*/*.gin"]},
     include_package_data=True,
     install_requires=CORE,

@@ -71,7 +71,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from absl import app, flags
@@ -215,12 +215,12 @@ REAL = Preset(
 
 # Tiny stages from the CPU gin files (one-level U-Nets at 8-32 px): the same code paths, and
 # few enough parameters that XLA:CPU compiles each step in seconds.
-_TINY_BASE = ("tiny_base.channels = 16", "tiny_base.channel_mult = [1]",
-              "tiny_base.num_groups = 4", "tiny_base.head_dim = 8", "RESOLUTION = 8",
+_TINY_BASE = ("BaseUNet.channels = 16", "BaseUNet.channel_mult = [1]",
+              "BaseUNet.num_groups = 4", "BaseUNet.head_dim = 8", "RESOLUTION = 8",
               "TRAIN_RESOLUTION = 8", "TEXT_LENGTH = 16")
-_TINY_SR = ("tiny_sr.blocks = [[8, 1], [8, 1]]", "tiny_sr.stem_channels = 8",
-            "tiny_sr.num_heads = 2", "tiny_sr.embed_dim = 16", "tiny_sr.sinusoid_dim = 16",
-            "tiny_sr.num_groups = 4", "TEXT_LENGTH = 16")
+_TINY_SR = ("EfficientUNet.blocks = [[8, 1], [8, 1]]", "EfficientUNet.stem_channels = 8",
+            "EfficientUNet.num_heads = 2", "EfficientUNet.embed_dim = 16",
+            "EfficientUNet.sinusoid_dim = 16", "EfficientUNet.num_groups = 4", "TEXT_LENGTH = 16")
 DRY = Preset(
     name="dry_run",
     # float32: XLA:CPU compiles the bf16 step of even a tiny U-Net for minutes.
@@ -328,7 +328,7 @@ def load_stage(gin_file: str, bindings: Sequence[str] = (), dtype: str = "bfloat
         if full_registration:
             gin_utils.parse([gin_file], bindings, finalize=False)
         else:
-            import imagen_jax.nn.presets  # noqa: F401 - registers the U-Net presets
+            import imagen_jax.nn  # noqa: F401 - registers BaseUNet, EfficientUNet
             from imagen_jax import stage  # noqa: F401 - registers Stage, SamplingConfig
             from imagen_jax.train import optim, step  # noqa: F401 - registers them too
 
@@ -1186,6 +1186,18 @@ def fmt(x: Any, spec: str = ".1f", scale: float = 1.0) -> str:
     return format(x * scale, spec)
 
 
+def markdown_table(title: str, columns: Sequence[str], align: str,
+                   rows: Iterable[Sequence[Any]]) -> list[str]:
+    """Lines of one report section: a ``## title`` heading, a Markdown table with one column per
+    name in ``columns`` (``align``: one letter per column, ``l`` left or ``r`` right for
+    numbers) and one row per cell sequence of ``rows`` (cells written with ``str``), then a
+    blank line."""
+    rule = {"l": "---", "r": "---:"}
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |",
+            "|" + "|".join(rule[a] for a in align) + "|",
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows), ""]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The Markdown report of a results dict (what ``device_check.json`` holds)."""
     env = results["environment"]
@@ -1210,59 +1222,52 @@ def markdown(results: dict[str, Any]) -> str:
     train = [p for p in TRAIN_PARTS if p in parts]
     if train:
         dtype = parts[train[0]].get("dtype", "?")
-        lines += [f"## Training step ({dtype} compute, float32 master weights)", "",
-                  "| stage | params | remat | attention | batch/device | ms/step | img/s/device "
-                  "| model TFLOP/step/device | MFU | HFU | compile s | status |",
-                  "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for name in train:
-            part = parts[name]
-            for run in part.get("runs", []):
-                lines.append(
-                    f"| {name} | {fmt(part.get('params'), '.2f', 1e-9)} B "
-                    f"| {'on' if run.get('remat') else 'off'} | {run.get('attention', '-')} "
-                    f"| {run.get('batch_per_device', '-')} | {fmt(run.get('step_s'), '.1f', 1e3)} "
-                    f"| {fmt(run.get('images_per_s_per_device'))} "
-                    f"| {fmt(run.get('model_flops_per_step_per_device'), '.2f', 1e-12)} "
-                    f"| {fmt(run.get('mfu'), '.1%')} | {fmt(run.get('hfu'), '.1%')} "
-                    f"| {fmt(run.get('compile_s'))} | {run.get('status', '-')} |")
-        lines.append("")
+        lines += markdown_table(
+            f"Training step ({dtype} compute, float32 master weights)",
+            ["stage", "params", "remat", "attention", "batch/device", "ms/step", "img/s/device",
+             "model TFLOP/step/device", "MFU", "HFU", "compile s", "status"], "lrllrrrrrrrl",
+            [(name, f"{fmt(part.get('params'), '.2f', 1e-9)} B",
+              "on" if run.get("remat") else "off", run.get("attention", "-"),
+              run.get("batch_per_device", "-"), fmt(run.get("step_s"), ".1f", 1e3),
+              fmt(run.get("images_per_s_per_device")),
+              fmt(run.get("model_flops_per_step_per_device"), ".2f", 1e-12),
+              fmt(run.get("mfu"), ".1%"), fmt(run.get("hfu"), ".1%"), fmt(run.get("compile_s")),
+              run.get("status", "-"))
+             for name in train for part in [parts[name]] for run in part.get("runs", [])])
     if "t5" in parts:
         part = parts["t5"]
-        lines += [f"## T5 encoder ({part.get('size', '?')}, {part.get('dtype', '?')}, "
-                  f"{fmt(part.get('params'), '.2f', 1e-9)} B parameters)", "",
-                  "| batch/device | tokens | tokens/s/device | ms/batch | MFU | compile s "
-                  "| status |",
-                  "|---:|---:|---:|---:|---:|---:|---|"]
-        for run in part.get("runs", []):
-            lines.append(f"| {run.get('batch_per_device')} | {run.get('length')} "
-                         f"| {fmt(run.get('tokens_per_s_per_device'), '.0f')} "
-                         f"| {fmt(run.get('seconds'), '.1f', 1e3)} | {fmt(run.get('mfu'), '.1%')} "
-                         f"| {fmt(run.get('compile_s'))} | {run.get('status', '-')} |")
-        lines.append("")
+        lines += markdown_table(
+            f"T5 encoder ({part.get('size', '?')}, {part.get('dtype', '?')}, "
+            f"{fmt(part.get('params'), '.2f', 1e-9)} B parameters)",
+            ["batch/device", "tokens", "tokens/s/device", "ms/batch", "MFU", "compile s",
+             "status"], "rrrrrrl",
+            [(run.get("batch_per_device"), run.get("length"),
+              fmt(run.get("tokens_per_s_per_device"), ".0f"),
+              fmt(run.get("seconds"), ".1f", 1e3), fmt(run.get("mfu"), ".1%"),
+              fmt(run.get("compile_s")), run.get("status", "-"))
+             for run in part.get("runs", [])])
     if "cascade" in parts:
         part = parts["cascade"]
-        lines += [f"## Cascade sampling ({' -> '.join(map(str, part.get('resolutions', [])))} "
-                  f"px, guidance {part.get('guidance', '?')}, T5 {part.get('t5', '?')} inside)",
-                  "", "| sampler | steps asked | steps run | images | s/image | images/s "
-                  "| s/image at steps asked (extrapolated) | compile s | timed | status |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
-        for run in part.get("runs", []):
-            asked = "/".join(map(str, run.get("steps_asked", [])))
-            ran = "/".join(map(str, run.get("steps", []))) or "-"
-            lines.append(f"| {run.get('sampler')} | {asked} | {ran} | {run.get('batch')} "
-                         f"| {fmt(run.get('seconds_per_image'), '.3f')} "
-                         f"| {fmt(run.get('images_per_s'), '.2f')} "
-                         f"| {fmt(run.get('seconds_per_image_extrapolated_to_asked'), '.3f')} "
-                         f"| {fmt(run.get('compile_s'))} "
-                         f"| {run.get('timed', '-')} | {run.get('status', '-')} |")
-        lines.append("")
-    lines += ["## Peak device memory per part", "",
-              "| part | status | wall s | peak GiB | limit GiB |", "|---|---|---:|---:|---:|"]
-    for name, part in parts.items():
-        lines.append(f"| {name} | {part.get('status', '-')} | {fmt(part.get('wall_s'))} "
-                     f"| {fmt(part.get('peak_bytes'), '.2f', 1 / GiB)} "
-                     f"| {fmt(part.get('memory_limit_bytes'), '.2f', 1 / GiB)} |")
-    lines += ["", "## Lines", ""]
+        lines += markdown_table(
+            f"Cascade sampling ({' -> '.join(map(str, part.get('resolutions', [])))} px, "
+            f"guidance {part.get('guidance', '?')}, T5 {part.get('t5', '?')} inside)",
+            ["sampler", "steps asked", "steps run", "images", "s/image", "images/s",
+             "s/image at steps asked (extrapolated)", "compile s", "timed", "status"],
+            "lllrrrrrll",
+            [(run.get("sampler"), "/".join(map(str, run.get("steps_asked", []))),
+              "/".join(map(str, run.get("steps", []))) or "-", run.get("batch"),
+              fmt(run.get("seconds_per_image"), ".3f"), fmt(run.get("images_per_s"), ".2f"),
+              fmt(run.get("seconds_per_image_extrapolated_to_asked"), ".3f"),
+              fmt(run.get("compile_s")), run.get("timed", "-"), run.get("status", "-"))
+             for run in part.get("runs", [])])
+    lines += markdown_table(
+        "Peak device memory per part", ["part", "status", "wall s", "peak GiB", "limit GiB"],
+        "llrrr",
+        [(name, part.get("status", "-"), fmt(part.get("wall_s")),
+          fmt(part.get("peak_bytes"), ".2f", 1 / GiB),
+          fmt(part.get("memory_limit_bytes"), ".2f", 1 / GiB))
+         for name, part in parts.items()])
+    lines += ["## Lines", ""]
     lines += [f"- {text}" for text in results["lines"]]
     return "\n".join(lines) + "\n"
 

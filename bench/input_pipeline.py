@@ -176,11 +176,10 @@ def train_step_rate(batch_size: int, text_dim: int) -> str:
         import jax
 
         from imagen_jax import partitioning
-        from imagen_jax.nn import presets
         from imagen_jax.stage import Stage
-        from imagen_jax.train import optim, state, step
+        from imagen_jax.train import optim, state, step, testing
 
-        model = presets.tiny_base(channels=32, channel_mult=(1, 2), num_res_blocks=1,
+        model = testing.tiny_base(channels=32, channel_mult=(1, 2), num_res_blocks=1,
                                   attn_resolutions=(8,), head_dim=16, num_groups=8,
                                   text_embed_dim=text_dim, text_cond_dim=32, image_size=64)
         stage = Stage(model=model, resolution=64, text_length=MAX_LENGTH, text_embed_dim=text_dim)

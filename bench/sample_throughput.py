@@ -26,8 +26,8 @@ def ours(batch: int, steps: tuple[int, ...], guidance: float) -> tuple[float, fl
 
     from imagen_jax import cascade, partitioning
     from imagen_jax.diffusion import SamplingConfig
-    from imagen_jax.nn import tiny_base, tiny_sr
     from imagen_jax.stage import Stage
+    from imagen_jax.train.testing import tiny_base, tiny_sr
 
     # The gin_configs/demo/*.gin architectures.
     base = tiny_base(channels=48, channel_mult=(1, 2, 2), attn_resolutions=(8, 4),

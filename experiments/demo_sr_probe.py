@@ -29,10 +29,10 @@ from experiments.demo_base_probe import adam_with_ema, encode
 from imagen_jax import diffusion
 from imagen_jax.data import shapes
 from imagen_jax.eval import shapes_score
-from imagen_jax.nn.presets import tiny_sr
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
 from imagen_jax.train.step import random_aligned_crop
+from imagen_jax.train.testing import tiny_sr
 
 SCORES = ("exact_match", "colour", "shape", "size", "position", "relation", "count")
 

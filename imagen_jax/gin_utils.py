@@ -7,7 +7,9 @@ live in one process (the cascade sampler parses each stage's saved config in tur
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import pkgutil
 import re
@@ -32,6 +34,29 @@ CONFIG_PREFIX = "gin_configs/"  # `gin_configs/tiny/base.gin` and `tiny/base.gin
 
 class GinConfigError(ConfigError):
     """A gin file or binding that cannot be applied; the message names the fix."""
+
+
+class _DropSearchMisses(logging.Filter):
+    """Drops the records of gin's package-resource existence check. Gin tries every search path
+    for each ``include`` and asks that reader about each one, which logs the question at INFO
+    and each miss (``Path not found: ...``) at ERROR level (gin/resource_reader.py): six lines
+    per include on a normal run. An include found nowhere still fails, with gin's error listing
+    every path searched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.funcName == "system_path_file_exists"
+                    and record.pathname.endswith(os.path.join("gin", "resource_reader.py")))
+
+
+@contextlib.contextmanager
+def _quiet_search_misses():
+    root = logging.getLogger()  # gin logs through the root logger
+    drop = _DropSearchMisses()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def register_all() -> None:
@@ -90,7 +115,8 @@ def parse(
         # fails with a TypeError outside the repo root (`gin_configs` is a namespace package).
         resolved.append(os.path.abspath(found[0]))
     try:
-        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
+        with _quiet_search_misses():
+            gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
     except (ValueError, KeyError, SyntaxError, NameError) as e:
         token = re.search(r"Failed to parse token '([^']*)'", str(e))
         if token:  # gin values are Python literals; say so instead of echoing the parser

@@ -49,7 +49,7 @@ class Stage:
     """One cascade stage.
 
     Attributes:
-      model: the U-Net, a flax module of `imagen_jax.nn` (built in gin from the model presets).
+      model: the U-Net, a flax module of `imagen_jax.nn` (gin: gin_configs/models/*.gin).
       resolution: side of the images this stage generates (64, 256, 1024), pixels.
       lowres_resolution: side of the conditioning image of a super-resolution stage; None for the
         base stage.
@@ -95,7 +95,8 @@ class Stage:
 
     def __post_init__(self):
         if self.model is gin.REQUIRED or self.model is None:
-            raise ConfigError("Stage.model is required: bind `Stage.model = @<preset>()` in gin")
+            raise ConfigError("Stage.model is required: bind `Stage.model = @BaseUNet()` or "
+                              "`@EfficientUNet()` in gin")
         if self.prediction not in PREDICTIONS:
             raise ConfigError(
                 f"Stage.prediction={self.prediction!r}; expected one of {PREDICTIONS}")
@@ -130,6 +131,13 @@ class Stage:
                     f"Stage.train_crop={self.train_crop} must be <= resolution={self.resolution} "
                     f"and a multiple of the upscale factor {self.upscale}")
         aug = self.sampling.aug_level
+        if not self.is_super_res and aug != 0:
+            # A base stage has no low-res input to noise: the level would be stored in its
+            # record and shown in samples.json, yet change nothing.
+            raise ConfigError(
+                f"stage {self.name!r}: SamplingConfig.aug_level={aug:g} on a base stage, which "
+                "has no low-res input to noise; set it on super-resolution stages only (in a "
+                "cascade: --gin.stage1/SamplingConfig.aug_level=...) or leave it 0")
         if self.is_super_res and aug > self.train_aug_max:
             # stacklevel 2 is the dataclass __init__: one fixed location, so Python's default
             # filter shows the warning once however often the stage is copied (replace, ...).
@@ -208,7 +216,12 @@ class Stage:
                                   "imagen-jax?")
         try:
             record["model"] = _module_from_dict(record["model"], where)
-            record["sampling"] = SamplingConfig(**record.get("sampling", {}))
+            sampling = dict(record.get("sampling", {}))
+            if record.get("lowres_resolution") is None:
+                # Records written before base stages refused an aug_level could hold one that
+                # was never applied: load them as what they sampled with.
+                sampling["aug_level"] = 0.0
+            record["sampling"] = SamplingConfig(**sampling)
             return cls(**record)
         except CheckpointError:
             raise

@@ -23,9 +23,6 @@ A second run finds the finished checkpoints and only samples (pass --retrain to 
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import os
 import shutil
@@ -34,14 +31,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import gin
-import numpy as np
 from absl import app, flags
-from PIL import Image
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import gin_utils, partitioning
 from imagen_jax.data import embed_cache, pipeline, shapes, shapes_tfds
 from imagen_jax.eval import shapes_score
+from imagen_jax.eval.samples import Page, image_data_uri, write_samples
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
 from imagen_jax.train.checkpoint import Checkpointer
@@ -71,6 +67,7 @@ DATASETS = {"main": ("demo_{preset}_{num_train}", 128),
 STAGE_DATASET = {"base": "main", "sr128": "main", "sr512": "hires"}
 NUM_HELDOUT = {"main": 256, "hires": 16}
 T5_VOCAB_SIZE = 512
+THUMB_PX = 128  # every stage's image is shown at this size in index.html (nearest neighbour)
 
 
 def _log(msg: str) -> None:
@@ -184,70 +181,47 @@ def score_stages(images: Sequence[Any], prompts: Sequence[str],
     return [shapes_score.summarize(results) for results in per_image], per_image
 
 
+def report_page(result: Any, names: Sequence[str], summaries: list[dict],
+                per_image: list[list], timings: dict[str, float], sr_from_truth: list[dict],
+                truth_resolution: int, preset: str = "single") -> Page:
+    """``index.html``: per prompt every stage's image (embedded), its exact-match mark per stage
+    and the attributes the final stage got wrong; the score summaries above."""
+    rows = []
+    for i, prompt in enumerate(result.prompts):
+        checks = per_image[-1][i].checks
+        rows.append({
+            "prompt": prompt,
+            "cells": [{"src": image_data_uri(stage[i], THUMB_PX), "title": names[s]}
+                      for s, stage in enumerate(result.images)],
+            "exact": [per_image[s][i].exact for s in range(len(names))],
+            "failed": [a for a, v in checks.items() if v and not all(v)],
+        })
+    return Page("demo.html.j2", {
+        "title": "imagen-jax demo",
+        "thumb": THUMB_PX,
+        "preset": preset,
+        "names": list(names),
+        "summaries": list(zip(names, summaries)),
+        "sr_from_truth": list(zip(names[1:], sr_from_truth)),
+        "truth_resolution": truth_resolution,
+        "timings": json.dumps({k: round(v, 1) for k, v in timings.items()}),
+        "rows": rows,
+    })
+
+
 def write_report(out: str, result: Any, names: Sequence[str], summaries: list[dict],
                  per_image: list[list], timings: dict[str, float],
                  sr_from_truth: list[dict], truth_resolution: int,
-                 preset: str = "single") -> None:
-    """grid.png (final images), index.html (prompt | stage images | score), results.json."""
-
-
-
-    final = result.final
-    Image.fromarray(image_grid(final)).save(os.path.join(out, "grid.png"))
-
-    def data_uri(image: np.ndarray, size: int) -> str:
-        buf = io.BytesIO()
-        Image.fromarray(image).resize((size, size), Image.NEAREST).save(buf, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-    rows = []
-    for i, prompt in enumerate(result.prompts):
-        cells = "".join(
-            f"<td><img src='{data_uri(stage[i], 128)}' width=128 height=128 "
-            f"title='{names[s]}'></td>"
-            for s, stage in enumerate(result.images)
-        )
-        final_score = per_image[-1][i]
-        marks = "".join(
-            f"<td class='{'ok' if per_image[s][i].exact else 'bad'}'>"
-            f"{'&#10003;' if per_image[s][i].exact else '&#10007;'}</td>"
-            for s in range(len(names))
-        )
-        failed = [a for a, v in final_score.checks.items() if v and not all(v)]
-        rows.append(f"<tr><td class='p'>{html.escape(prompt)}</td>{cells}{marks}"
-                    f"<td>{html.escape(', '.join(failed)) or 'all correct'}</td></tr>")
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-    score_head = "".join(f"<th>exact @{html.escape(n)}</th>" for n in names)
-    summary = "".join(
-        f"<li>{html.escape(n)}: exact match {s['exact_match']:.1%} "
-        f"(colour {s['colour']:.1%}, shape {s['shape']:.1%}, size {s['size']:.1%})</li>"
-        for n, s in zip(names, summaries)
-    )
-    truth = "".join(
-        f"<li>{html.escape(n)}: exact match {s['exact_match']:.1%}</li>"
-        for n, s in zip(names[1:], sr_from_truth)
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>imagen-jax demo</title>
-<style>body{{font-family:sans-serif}} td.p{{max-width:320px}} td.ok{{color:green}}
-td.bad{{color:#c00}} img{{image-rendering:pixelated}} td,th{{padding:4px}}</style></head><body>
-<h1>imagen-jax <code>make demo</code>: heldout prompts</h1>
-<p>Tiny three-stage cascade trained from scratch on the procedural shapes dataset with a random
-T5 ({'one object per scene' if preset == 'single' else 'one or two objects per scene'};
-<code>--preset={preset}</code>). Heldout prompts combine colours and shapes never paired in
-training. Scores from
-<code>imagen_jax.eval.shapes_score</code>.</p><ul>{summary}</ul>
-<p>The super-resolution stages alone, fed the ground-truth {truth_resolution}px images of the
-same prompts (do they keep the content?):</p><ul>{truth}</ul>
-<p>Timings (s): {html.escape(json.dumps({k: round(v, 1) for k, v in timings.items()}))}</p>
-<table><tr><th>prompt</th>{head}{score_head}<th>wrong at final resolution</th></tr>
-{''.join(rows)}</table></body></html>"""
-    with open(os.path.join(out, "index.html"), "w", encoding="utf-8") as f:
-        f.write(page)
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"preset": preset, "stages": list(names), "scores": summaries, "timings": timings,
-                   "sr_from_ground_truth": sr_from_truth,
-                   "prompts": result.prompts,
-                   "exact": [[r.exact for r in stage] for stage in per_image]}, f, indent=2)
+                 preset: str = "single") -> dict[str, str]:
+    """grid.png (final images), index.html (prompt | stage images | score), results.json;
+    returns {file name: path}."""
+    results = {"preset": preset, "stages": list(names), "scores": summaries, "timings": timings,
+               "sr_from_ground_truth": sr_from_truth, "prompts": result.prompts,
+               "exact": [[r.exact for r in stage] for stage in per_image]}
+    page = report_page(result, names, summaries, per_image, timings, sr_from_truth,
+                       truth_resolution, preset)
+    return write_samples(out, {"grid.png": image_grid(result.final)}, manifest=results,
+                         manifest_file="results.json", pages={"index.html": page})
 
 
 def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_512: int = 2000,

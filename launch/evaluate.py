@@ -25,7 +25,8 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
@@ -240,6 +241,22 @@ def load_eval_prompts(n: int) -> list[str]:
     return [shapes.sample_scene("train", i, seed=FLAGS.seed).caption for i in range(min(n, 4096))]
 
 
+# Why a metric's mean is None in a summary: it applied to none of the run's prompts.
+NOT_APPLICABLE = {
+    "shapes_adherence": "n/a (not a shapes prompt set: shapes adherence scores only captions of "
+                        "the shapes dataset; pass --clip_weights=DIR for the CLIP score)",
+}
+NOT_APPLICABLE_DEFAULT = "n/a (applies to none of these prompts)"
+
+
+def readable_scores(scores: Mapping[str, Any], metrics: Iterable[str]) -> dict[str, Any]:
+    """``scores`` for the printed summary: a metric whose value is None (it applied to no
+    prompt, e.g. shapes adherence on DrawBench) says so instead of printing ``null``."""
+    metrics = set(metrics)
+    return {k: NOT_APPLICABLE.get(k, NOT_APPLICABLE_DEFAULT) if k in metrics and v is None else v
+            for k, v in scores.items()}
+
+
 # ----------------------------------------------------------------------------- subcommands
 
 
@@ -277,7 +294,7 @@ def run_drawbench_cmd() -> None:
         progress=lambda done, total: logging.info("drawbench: %d / %d prompts", done, total),
     )
     path = report.write_report(FLAGS.out, embed=FLAGS.embed_images)
-    print(json.dumps(run["category_means"].get("all", {})))
+    print(json.dumps(readable_scores(run["category_means"].get("all", {}), run["metrics"])))
     print(f"report: {path}")
 
 
@@ -316,12 +333,13 @@ def run_fid_cmd() -> None:
         samples.save(os.path.join(FLAGS.out, "sample_stats.npz"))
         result["fid"] = fid.fid_from_stats(samples, ref)
         result["reference"] = FLAGS.reference
-    for name, scorer in make_scorers().items():
+    scorers = make_scorers()
+    for name, scorer in scorers.items():
         vals = np.concatenate([scorer(im, p) for im, p in store.iter_chunks()])
         result[name] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
     with open(os.path.join(FLAGS.out, "fid.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    print(json.dumps(readable_scores(result, scorers)))
 
 
 def run_sweep_cmd() -> None:

@@ -17,19 +17,18 @@ samples come out NaN) ends the run with one line on stderr and exit status 1; no
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
 import numpy as np
 from absl import app, flags
-from PIL import Image
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import gin_utils, partitioning
 from imagen_jax.cascade import CascadeError
 from imagen_jax.data.images import NonFiniteImageError, read_rgb
 from imagen_jax.errors import ImagenError
+from imagen_jax.eval.samples import write_samples
 from imagen_jax.train.metrics import image_grid
 from launch import shared_flags as sf
 
@@ -80,23 +79,23 @@ def read_lowres(paths: list[str]) -> np.ndarray:
     return np.stack(images)
 
 
-def write_outputs(out_dir: str, result, *, settings: dict, num_per_prompt: int) -> dict:
-    """PNG per image, a grid per prompt, samples.json; returns the json record."""
+def sample_outputs(result, *, settings: list[dict],
+                   num_per_prompt: int) -> tuple[dict[str, np.ndarray], dict]:
+    """What ``launch.sample`` writes: ({file name: uint8 image}, the samples.json record).
 
-
-    os.makedirs(out_dir, exist_ok=True)
+    A PNG per image (``promptNNN_sampleK.png``), a grid per prompt (``promptNNN_grid.png``) and
+    a record of the seed, every stage's settings, the timings and which file holds what.
+    """
     final = result.final
-    records = []
+    images, records, grids = {}, [], []
     for i, (prompt, image) in enumerate(zip(result.prompts, final)):
         p, k = divmod(i, num_per_prompt)
         path = f"prompt{p:03d}_sample{k}.png"
-        Image.fromarray(image).save(os.path.join(out_dir, path))
+        images[path] = image
         records.append({"prompt": prompt, "prompt_index": p, "sample": k, "file": path})
-    grids = []
     for p in range(len(final) // num_per_prompt):
-        grid = image_grid(final[p * num_per_prompt:(p + 1) * num_per_prompt])
         path = f"prompt{p:03d}_grid.png"
-        Image.fromarray(grid).save(os.path.join(out_dir, path))
+        images[path] = image_grid(final[p * num_per_prompt:(p + 1) * num_per_prompt])
         grids.append({"prompt": result.prompts[p * num_per_prompt], "file": path})
     record = {
         "seed": result.seed,
@@ -106,9 +105,7 @@ def write_outputs(out_dir: str, result, *, settings: dict, num_per_prompt: int) 
         "images": records,
         "grids": grids,
     }
-    with open(os.path.join(out_dir, "samples.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, ensure_ascii=False)
-    return record
+    return images, record
 
 
 def stage_settings(cascade, start: int, stop: int | None, stage_dirs: list[str]) -> list[dict]:
@@ -159,8 +156,9 @@ def run(argv_bindings: list[str]) -> dict:
         raise sf.one_line_exit("launch.sample", e) from None
     result.timings["load_s"] = load_s
     settings = stage_settings(cascade, FLAGS.start, FLAGS.stop, stage_dirs)
-    record = write_outputs(FLAGS.out, result, settings=settings,
-                           num_per_prompt=FLAGS.num_per_prompt or 1)
+    images, record = sample_outputs(result, settings=settings,
+                                    num_per_prompt=FLAGS.num_per_prompt or 1)
+    write_samples(FLAGS.out, images, manifest=record)
     print(f"wrote {len(result.final)} images to {FLAGS.out} "
           f"({result.timings['sample_s']:.1f}s sampling, {result.timings['compile_s']:.1f}s "
           "compile)")

@@ -1,18 +1,18 @@
 r"""Model summary: parameter count, FLOPs per example and per-resolution layout of a stage.
 
-    python -m launch.summary --gin_file=gin_configs/base64.gin [--gin.base_2b.channels=256]
+    python -m launch.summary --gin_file=gin_configs/base64.gin [--gin.BaseUNet.channels=256]
 
-The gin files must define the macros ``MODEL``, ``RESOLUTION``, ``TRAIN_RESOLUTION`` and
-``LOWRES_RESOLUTION`` (gin_configs/models/*.gin do). Parameters are counted with
-``jax.eval_shape`` (nothing is allocated); FLOPs come from XLA's cost analysis of the compiled
-training step (forward + backward of the eps-MSE loss) and of one guided sampling step (one model
-call on the cond + uncond batch), per generated example. ``--flops=lowered`` reads the
-pre-optimisation HLO instead (seconds instead of minutes for the 2 B model on a CPU).
+The gin files are a stage's, as `launch.train` reads them: the summary describes the very
+`imagen_jax.stage.Stage` the trainer builds from them (every stage file under gin_configs/ binds
+``Stage.*``). Parameters are counted with ``jax.eval_shape`` (nothing is allocated); FLOPs come
+from XLA's cost analysis of the compiled training step (forward + backward of the eps-MSE loss)
+and of one guided sampling step (one model call on the cond + uncond batch), per generated
+example. ``--flops=lowered`` reads the pre-optimisation HLO instead (seconds instead of minutes
+for the 2 B model on a CPU).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 import time
@@ -28,6 +28,7 @@ from absl import app, flags
 
 from imagen_jax import gin_utils
 from imagen_jax.nn import BaseUNet, EfficientUNet
+from imagen_jax.stage import Stage, abstract_params, model_inputs
 from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
@@ -37,80 +38,42 @@ sf.DEFINE_enum("flops", "compiled", ["compiled", "lowered", "none"],
                   "FLOPs from the compiled executable's cost analysis, from the lowered HLO "
                   "(fast, before XLA optimisations), or skip.")
 
-# Bindings that route the stage macros into `summary_inputs`.
-STAGE_BINDINGS = (
-    "summary_inputs.model = %MODEL",
-    "summary_inputs.resolution = %RESOLUTION",
-    "summary_inputs.train_resolution = %TRAIN_RESOLUTION",
-    "summary_inputs.lowres_resolution = %LOWRES_RESOLUTION",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class SummaryInputs:
-    """What the summary needs of a stage: the model and its input sizes."""
-
-    model: nn.Module
-    resolution: int
-    train_resolution: int
-    lowres_resolution: int | None
-    text_length: int = 128  # T5 max length (PAPER_NOTES: not stated in the paper; our default)
-
-    @property
-    def is_sr(self) -> bool:
-        return self.lowres_resolution is not None
-
-    def lowres_for(self, resolution: int) -> int | None:
-        """Low-resolution side matching an output side (crops keep the upsampling factor)."""
-        if self.lowres_resolution is None:
-            return None
-        return resolution * self.lowres_resolution // self.resolution
-
-
-@gin.configurable
-def summary_inputs(model: nn.Module, resolution: int, train_resolution: int | None = None,
-               lowres_resolution: int | None = None, text_length: int = 128) -> SummaryInputs:
-    return SummaryInputs(model, resolution, train_resolution or resolution, lowres_resolution,
-                     text_length)
+STAGE_FILES_HINT = ("pass a stage's gin file, as launch.train reads it (base64.gin, sr256.gin, "
+                    "sr1024.gin, tiny/base.gin, ...): it binds Stage.model and the rest of the "
+                    "stage record")
 
 
 def load_stage(gin_files: Sequence[str], bindings: Sequence[str] = (),
-                    search_paths: Sequence[str] = ()) -> SummaryInputs:
-    """Parses the stage's gin files (clearing any earlier config) and builds its SummaryInputs."""
+               search_paths: Sequence[str] = ()) -> Stage:
+    """Parses a stage's gin files (clearing any earlier config) and builds its `Stage`: the record
+    `imagen_jax.train.train` receives from the same files (``train.stage = @Stage()``).
+
+    Raises GinConfigError (naming the fix) for files that bind no stage or leave a macro undefined.
+    """
     gin.clear_config()
     try:
         # Undefined macros surface either when gin finalises (validation) or at the call.
-        gin_utils.parse(gin_files, [*bindings, *STAGE_BINDINGS], search_paths)
-        return summary_inputs()
+        gin_utils.parse(gin_files, bindings, search_paths)
+        return Stage()
     except gin_utils.GinConfigError:
         raise
-    except (ValueError, KeyError) as e:
-        raise gin_utils.GinConfigError(
-            f"{e}\nThe gin files must define the macros MODEL, RESOLUTION, TRAIN_RESOLUTION and "
-            "LOWRES_RESOLUTION (include a gin_configs/models/*.gin file)") from e
+    # ConfigError: a bad Stage setting; gin's RuntimeError: a required Stage field left unbound.
+    except (ValueError, KeyError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise gin_utils.GinConfigError(f"{first}\n{STAGE_FILES_HINT}") from e
 
 
-def abstract_inputs(spec: SummaryInputs, batch: int, resolution: int) -> tuple[Any, ...]:
-    """ShapeDtypeStructs of (x, t, text_embeds, text_mask[, lowres, aug_level])."""
-    s = jax.ShapeDtypeStruct
-    f32 = jnp.float32
-    args = [s((batch, resolution, resolution, 3), f32), s((batch,), f32),
-            s((batch, spec.text_length, spec.model.text_embed_dim), f32),
-            s((batch, spec.text_length), jnp.bool_)]
-    if spec.is_sr:
-        lowres = spec.lowres_for(resolution)
-        args += [s((batch, lowres, lowres, 3), f32), s((batch,), f32)]
-    return tuple(args)
-
-
-def abstract_params(spec: SummaryInputs) -> Any:
-    """The parameter tree as ShapeDtypeStructs (unboxed), via eval_shape: nothing allocated."""
-    inputs = abstract_inputs(spec, 1, spec.train_resolution)
-    variables = jax.eval_shape(lambda *a: spec.model.init(jax.random.key(0), *a), *inputs)
-    return nn.meta.unbox(variables)["params"]
+def abstract_inputs(stage: Stage, batch: int, full_size: bool = False) -> dict[str, Any]:
+    """ShapeDtypeStructs of the model's inputs (`imagen_jax.stage.model_inputs`, batch ``batch``):
+    at the training size, or with ``full_size`` at the sampling size (``resolution`` and the
+    whole low-res image: a crop-trained stage is sampled uncropped, App. F.3)."""
+    if full_size:
+        stage = stage.replace(train_crop=None)
+    return jax.eval_shape(lambda: model_inputs(stage, batch))
 
 
 def count_params(tree: Any) -> int:
+    """Number of parameters in a tree of arrays or ShapeDtypeStructs (boxed or not)."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
@@ -123,32 +86,32 @@ def _flops(fn: Any, args: Sequence[Any], mode: str) -> float:
     return float(analysis["flops"])
 
 
-def train_step_flops(spec: SummaryInputs, params: Any, mode: str = "compiled") -> float:
+def train_step_flops(stage: Stage, params: Any, mode: str = "compiled") -> float:
     """FLOPs per example of forward + backward of the eps-MSE loss at the training size."""
     batch = 1
-    inputs = abstract_inputs(spec, batch, spec.train_resolution)
+    inputs = abstract_inputs(stage, batch)
 
-    def loss(p, x, *cond):
-        eps_hat = spec.model.apply({"params": p}, x, *cond, train=True)
-        return jnp.mean(jnp.square(eps_hat - x))
+    def loss(p, inputs):
+        eps_hat = stage.model.apply({"params": p}, **inputs, train=True)
+        return jnp.mean(jnp.square(eps_hat - inputs["x"]))
 
-    return _flops(jax.grad(loss), (params, *inputs), mode) / batch
+    return _flops(jax.grad(loss), (params, inputs), mode) / batch
 
 
-def sample_step_flops(spec: SummaryInputs, params: Any, mode: str = "compiled") -> float:
+def sample_step_flops(stage: Stage, params: Any, mode: str = "compiled") -> float:
     """FLOPs per generated example of one guided sampling step at full resolution: one model
     call on the concatenated (cond, uncond) batch of 2."""
-    inputs = abstract_inputs(spec, 2, spec.resolution)
+    inputs = abstract_inputs(stage, 2, full_size=True)
 
-    def step(p, *a):
-        return spec.model.apply({"params": p}, *a)
+    def step(p, inputs):
+        return stage.model.apply({"params": p}, **inputs)
 
-    return _flops(step, (params, *inputs), mode)
+    return _flops(step, (params, inputs), mode)
 
 
-def layout_rows(spec: SummaryInputs, params: Any) -> list[tuple[str, ...]]:
+def layout_rows(stage: Stage, params: Any) -> list[tuple[str, ...]]:
     """One row per U-Net level: resolution, channels, residual blocks, attention, parameters."""
-    model = spec.model
+    model = stage.model
     per_level: dict[int, int] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         match = re.match(r"(down|up)_(\d+)_", str(getattr(path[0], "key", "")))
@@ -161,7 +124,7 @@ def layout_rows(spec: SummaryInputs, params: Any) -> list[tuple[str, ...]]:
         blocks = (model.num_res_blocks if isinstance(model.num_res_blocks, (list, tuple))
                   else [model.num_res_blocks] * n_levels)
         for level, mult in enumerate(model.channel_mult):
-            res = spec.resolution // model.patch_size // 2**level
+            res = stage.resolution // model.patch_size // 2**level
             attn = "self+text" if res in model.attn_resolutions else "-"
             rows.append((f"{res}x{res}", str(model.channels * mult),
                          f"{blocks[level]}/{blocks[level] + 1}", attn,
@@ -173,7 +136,7 @@ def layout_rows(spec: SummaryInputs, params: Any) -> list[tuple[str, ...]]:
         cross_attn = (model.cross_attention if isinstance(model.cross_attention, (list, tuple))
                       else [model.cross_attention] * n_levels)
         for level, (ch, n) in enumerate(model.blocks):
-            res = spec.resolution // 2 ** (level + 1)
+            res = stage.resolution // 2 ** (level + 1)
             kinds = [k for k, on in (("self", self_attn[level]), ("text", cross_attn[level])) if on]
             attn = "+".join(kinds) or "-"
             if kinds:
@@ -183,12 +146,12 @@ def layout_rows(spec: SummaryInputs, params: Any) -> list[tuple[str, ...]]:
     return rows
 
 
-def format_summary(spec: SummaryInputs, n_params: int, rows: list[tuple[str, ...]],
+def format_summary(stage: Stage, n_params: int, rows: list[tuple[str, ...]],
                    flops: dict[str, float]) -> str:
-    lines = [f"model: {type(spec.model).__name__}  parameters: {n_params:,} "
+    lines = [f"model: {type(stage.model).__name__}  parameters: {n_params:,} "
              f"({n_params / 1e9:.3f} B)",
-             f"resolution: {spec.resolution} (training {spec.train_resolution}), low-res input: "
-             f"{spec.lowres_resolution}, text: {spec.text_length} x {spec.model.text_embed_dim}"]
+             f"resolution: {stage.resolution} (training {stage.train_resolution}), low-res input: "
+             f"{stage.lowres_resolution}, text: {stage.text_length} x {stage.text_embed_dim}"]
     for name, value in flops.items():
         lines.append(f"{name}: {value / 1e9:,.1f} GFLOPs per example")
     header = ("level res", "channels", "res blocks down/up", "attention", "params (M)")
@@ -203,17 +166,17 @@ def main(argv: Sequence[str], bindings: Sequence[str] = ()) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.gin_file:
         raise app.UsageError("pass --gin_file=gin_configs/base64.gin (or sr256.gin, sr1024.gin)")
-    spec = load_stage(FLAGS.gin_file, bindings, FLAGS.gin_search_paths)
-    params = abstract_params(spec)
+    stage = load_stage(FLAGS.gin_file, bindings, FLAGS.gin_search_paths)
+    params = nn.meta.unbox(abstract_params(stage))
     flops = {}
     if FLAGS.flops != "none":
         for name, fn in (("training step (fwd+bwd)", train_step_flops),
                          ("sampling step (guided, cond+uncond)", sample_step_flops)):
             start = time.perf_counter()
-            flops[name] = fn(spec, params, FLAGS.flops)
+            flops[name] = fn(stage, params, FLAGS.flops)
             print(f"[{name}: {FLAGS.flops} cost analysis took "
                   f"{time.perf_counter() - start:.1f} s]")
-    print(format_summary(spec, count_params(params), layout_rows(spec, params), flops))
+    print(format_summary(stage, count_params(params), layout_rows(stage, params), flops))
 
 
 def run() -> None:

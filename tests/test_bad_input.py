@@ -32,8 +32,8 @@ from imagen_jax.data.images import NonFiniteImageError
 from imagen_jax.diffusion import SamplingConfig
 from imagen_jax.errors import ConfigError
 from imagen_jax.eval import fid
-from imagen_jax.nn import tiny_base, tiny_sr
 from imagen_jax.stage import Stage
+from imagen_jax.train.testing import gin_model_bindings, tiny_base, tiny_sr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN, INF = float("nan"), float("inf")
@@ -446,17 +446,9 @@ def _prompts(tmp_path):
 
 # ------------------------------------------------------------------ diverged checkpoint, CLI
 
-BASE_CONFIG = """train.stage = @Stage()
-Stage.model = @tiny_base()
-tiny_base.channels = 8
-tiny_base.channel_mult = [1, 2]
-tiny_base.attn_resolutions = [4]
-tiny_base.head_dim = 8
-tiny_base.num_groups = 4
-tiny_base.text_embed_dim = 32
-tiny_base.text_cond_dim = 8
-tiny_base.image_size = 8
-Stage.resolution = 8
+BASE_CONFIG = "train.stage = @Stage()\n" + gin_model_bindings(tiny_base(
+    channels=8, attn_resolutions=(4,), head_dim=8, num_groups=4, text_cond_dim=8, image_size=8,
+)) + """Stage.resolution = 8
 SamplingConfig.guidance_weight = 1.0
 SamplingConfig.sampler = 'ddim'
 SamplingConfig.num_steps = 2

@@ -16,8 +16,8 @@ import pytest
 
 from imagen_jax import cascade, partitioning
 from imagen_jax.errors import ConfigError
-from imagen_jax.nn import tiny_base, tiny_sr
 from imagen_jax.stage import Stage
+from imagen_jax.train.testing import tiny_base, tiny_sr
 
 EMBED_DIM = 16
 TEXT_LEN = 6

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from imagen_jax import cascade
-from imagen_jax.nn import tiny_base
 from imagen_jax.stage import Stage
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
+from imagen_jax.train.testing import tiny_base
 
 TEXT_LEN = 16
 

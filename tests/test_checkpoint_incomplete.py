@@ -231,17 +231,10 @@ def test_opening_for_writing_sets_incomplete_steps_aside_and_deletes_only_orbax_
 
 # --------------------------------------------------------------------------- sampling, evaluation
 
-STAGE_CONFIG = """train.stage = @Stage()
-Stage.model = @tiny_base()
-tiny_base.channels = 16
-tiny_base.channel_mult = [1]
-tiny_base.attn_resolutions = [8]
-tiny_base.head_dim = 8
-tiny_base.num_groups = 4
-tiny_base.text_embed_dim = 16
-tiny_base.text_cond_dim = 16
-tiny_base.image_size = 8
-Stage.resolution = 8
+STAGE_CONFIG = "train.stage = @Stage()\n" + testing.gin_model_bindings(testing.tiny_base(
+    channels=16, channel_mult=(1,), head_dim=8, num_groups=4, text_embed_dim=16, text_cond_dim=16,
+    image_size=8,
+)) + """Stage.resolution = 8
 Stage.text_length = 4
 Stage.text_embed_dim = 16
 SamplingConfig.num_steps = 2

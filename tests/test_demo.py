@@ -11,11 +11,11 @@ from launch import demo
 
 # Smaller U-Nets than the demo's: this test checks the plumbing, compile time dominates.
 TINY = [
-    "tiny_base.channels = 16",
-    "tiny_base.channel_mult = [1, 2]",
-    "tiny_base.attn_resolutions = [8]",
-    "tiny_sr.blocks = [[8, 1], [16, 1]]",
-    "tiny_sr.stem_channels = 8",
+    "BaseUNet.channels = 16",
+    "BaseUNet.channel_mult = [1, 2]",
+    "BaseUNet.attn_resolutions = [8]",
+    "EfficientUNet.blocks = [[8, 1], [16, 1]]",
+    "EfficientUNet.stem_channels = 8",
     "TrainConfig.batch_size = 8",
     "TrainConfig.log_every = 1",
     "TrainConfig.progress_bar = False",

@@ -179,13 +179,12 @@ def analytic_train_flops(channels: int, mult: tuple[int, ...], num_res_blocks: i
 
 def test_model_flops_match_analytic_count():
     from imagen_jax import partitioning
-    from imagen_jax.nn import presets
     from imagen_jax.stage import Stage
-    from imagen_jax.train import optim, state, step
+    from imagen_jax.train import optim, state, step, testing
 
     cfg = dict(channels=64, mult=(1, 2), num_res_blocks=1, attn_res=(8,), res=16, head_dim=32,
                text_len=8, text_dim=32, cond_dim=64)
-    model = presets.tiny_base(channels=cfg["channels"], channel_mult=cfg["mult"],
+    model = testing.tiny_base(channels=cfg["channels"], channel_mult=cfg["mult"],
                               num_res_blocks=cfg["num_res_blocks"],
                               attn_resolutions=cfg["attn_res"], head_dim=cfg["head_dim"],
                               text_embed_dim=cfg["text_dim"], text_cond_dim=cfg["cond_dim"],

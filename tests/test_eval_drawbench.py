@@ -182,3 +182,26 @@ def test_launcher_drawbench_and_compare(tmp_path):
         assert len(json.load(f)["items"]) == 19  # the prompts both runs share
     with pytest.raises(Exception, match="--stages"):
         run("drawbench", f"--out={tmp_path / 'd'}")
+
+
+def test_launcher_summary_says_what_was_scored(tmp_path, capsys):
+    """No weights: the summary line names why shapes adherence has no value on DrawBench (its
+    prompts are not shapes captions) instead of printing ``null``."""
+    from launch import evaluate
+
+    try:
+        evaluate.main(evaluate.parse_flags([
+            "evaluate", "drawbench", f"--sample_fn={STAND_IN}", f"--out={tmp_path}",
+            "--num_per_prompt=1", "--categories=Colors"]))
+    finally:
+        evaluate.FLAGS.unparse_flags()
+    summary, report_line = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert "null" not in summary
+    scores = json.loads(summary)
+    assert scores["shapes_adherence"].startswith("n/a (not a shapes prompt set")
+    assert "--clip_weights" in scores["shapes_adherence"]
+    assert report_line == f"report: {tmp_path / 'index.html'}"
+    # A metric that applied keeps its number; one that did not and has no note says n/a.
+    assert evaluate.readable_scores({"clip_score": 0.25, "other": None, "fid": None},
+                                    ["clip_score", "other"]) == {
+        "clip_score": 0.25, "other": evaluate.NOT_APPLICABLE_DEFAULT, "fid": None}

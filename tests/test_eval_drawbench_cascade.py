@@ -15,10 +15,10 @@ from PIL import Image
 
 from imagen_jax import cascade
 from imagen_jax.eval import drawbench, report
-from imagen_jax.nn import tiny_base, tiny_sr
 from imagen_jax.stage import Stage
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import drawbench_prompts, write_random_t5
+from imagen_jax.train.testing import tiny_base, tiny_sr
 from tests.support_eval import chromium_probe
 
 TEXT_LEN = 32

@@ -29,10 +29,10 @@ import optax
 
 from imagen_jax import cascade, partitioning
 from imagen_jax.diffusion import SamplingConfig
-from imagen_jax.nn import presets
 from imagen_jax.stage import Stage
 from imagen_jax.train import optim, step
 from imagen_jax.train import state as state_lib
+from imagen_jax.train.testing import tiny_base, tiny_sr
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_cascade.npz"
 REGEN = os.environ.get("IMAGEN_REGEN_GOLDEN") == "1"
@@ -46,13 +46,11 @@ EMBED_DIM = 16
 def golden_stages() -> dict[str, Stage]:
     """The two stages: every setting the refactor moves (sampler fields, schedules, predictions,
     weightings, augmentation) is set away from its default."""
-    base = presets.tiny_base(channels=16, channel_mult=(1, 2), attn_resolutions=(8,), head_dim=8,
-                             text_embed_dim=EMBED_DIM, text_cond_dim=16, image_size=16,
-                             num_groups=4)
-    sr = presets.tiny_sr(blocks=((8, 1), (16, 1)), stem_channels=8,
-                         self_attention=(False, True), cross_attention=(False, True),
-                         num_heads=2, text_embed_dim=EMBED_DIM, text_cond_dim=16, embed_dim=16,
-                         sinusoid_dim=16, num_groups=4)
+    base = tiny_base(channels=16, channel_mult=(1, 2), attn_resolutions=(8,), head_dim=8,
+                     text_embed_dim=EMBED_DIM, text_cond_dim=16, image_size=16, num_groups=4)
+    sr = tiny_sr(blocks=((8, 1), (16, 1)), stem_channels=8, self_attention=(False, True),
+                 cross_attention=(False, True), num_heads=2, text_embed_dim=EMBED_DIM,
+                 text_cond_dim=16, embed_dim=16, sinusoid_dim=16, num_groups=4)
     return {
         "base": Stage(model=base, resolution=16, text_length=TEXT_LENGTH,
                       text_embed_dim=EMBED_DIM, prediction="eps", loss_weighting="min_snr",

@@ -14,8 +14,8 @@ def race(tmp_path_factory):
                          num_probe=2)
     shape = data.embeds.shape[1:]
     # A smaller demo base (one level fewer) keeps compile and steps within seconds.
-    small = ["tiny_base.channels = 16", "tiny_base.channel_mult = [1, 2]",
-             "tiny_base.attn_resolutions = [8]", "SamplingConfig.num_steps = 2"]
+    small = ["BaseUNet.channels = 16", "BaseUNet.channel_mult = [1, 2]",
+             "BaseUNet.attn_resolutions = [8]", "SamplingConfig.num_steps = 2"]
     ours = lr.OurSide("ours", small, batch_size=8, embed_shape=shape)
     theirs = lr.TheirSide("theirs", shape, dim=16, sample_steps=2)
     records, last = lr.run_race([ours, theirs], data, steps=2, eval_every=2, batch_size=8)

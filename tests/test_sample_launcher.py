@@ -21,33 +21,23 @@ import pytest
 from imagen_jax import cascade, gin_utils, partitioning
 from imagen_jax.text import load_t5
 from imagen_jax.text.testing import write_random_t5
+from imagen_jax.train.testing import gin_model_bindings, tiny_base, tiny_sr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_LEN = 16
 
 MODELS = {
-    "base": """Stage.model = @tiny_base()
-tiny_base.channels = 16
-tiny_base.channel_mult = [1, 2]
-tiny_base.attn_resolutions = [4]
-tiny_base.head_dim = 8
-tiny_base.num_groups = 4
-tiny_base.text_embed_dim = 32
-tiny_base.text_cond_dim = 16
-tiny_base.image_size = 8
-Stage.resolution = 8
+    "base": gin_model_bindings(tiny_base(
+        channels=16, attn_resolutions=(4,), head_dim=8, num_groups=4, text_cond_dim=16,
+        image_size=8,
+    )) + """Stage.resolution = 8
 SamplingConfig.guidance_weight = 2.0
 SamplingConfig.sampler = 'ddim'
 """,
-    "sr": """Stage.model = @tiny_sr()
-tiny_sr.blocks = [[8, 1], [16, 1]]
-tiny_sr.stem_channels = 8
-tiny_sr.text_embed_dim = 32
-tiny_sr.text_cond_dim = 16
-tiny_sr.embed_dim = 32
-tiny_sr.sinusoid_dim = 16
-tiny_sr.num_groups = 4
-Stage.resolution = {res}
+    "sr": gin_model_bindings(tiny_sr(
+        blocks=((8, 1), (16, 1)), stem_channels=8, text_cond_dim=16, embed_dim=32,
+        sinusoid_dim=16, num_groups=4,
+    )) + """Stage.resolution = {res}
 Stage.lowres_resolution = {low}
 SamplingConfig.guidance_weight = 1.0
 SamplingConfig.sampler = 'ddpm'
@@ -109,7 +99,8 @@ def test_loads_ema_params_and_settings_onto_any_mesh(checkpoints):
     mesh = partitioning.make_mesh(data=2, fsdp=4)
     c = cascade.load_cascade(checkpoints["dirs"], checkpoints["t5"], mesh=mesh,
                              rules=partitioning.FSDP_RULES,
-                             overrides=[{"num_steps": 3}, {}, {"aug_level": 0.3}])
+                             overrides=[{"num_steps": 3, "aug_level": 0.2}, {},
+                                        {"aug_level": 0.3}])
     for got, want in zip(c.params, checkpoints["emas"]):
         jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
                      got, want)
@@ -117,6 +108,8 @@ def test_loads_ema_params_and_settings_onto_any_mesh(checkpoints):
     assert [s.resolution for s in c.stages] == [8, 16, 32]
     assert c.stages[0].sampling.sampler == "ddim" and c.stages[0].sampling.num_steps == 3
     assert c.stages[0].sampling.guidance_weight == 2.0
+    # An (unscoped) aug_level reaches the SR stages only: the base stage has no low-res input.
+    assert c.stages[0].sampling.aug_level == 0.0
     assert c.stages[1].sampling.aug_level == pytest.approx(0.1)
     assert c.stages[2].sampling.aug_level == pytest.approx(0.3)
     assert c.text_encoder.fingerprint == c.stages[0].text_fingerprint

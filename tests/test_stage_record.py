@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from imagen_jax import cascade, gin_utils, partitioning
-from imagen_jax.errors import CheckpointError, ImagenError
+from imagen_jax.errors import CheckpointError, ConfigError, ImagenError
 from imagen_jax.stage import RECORD_FORMAT, Stage
 from imagen_jax.train.checkpoint import CheckpointConfig, Checkpointer
 from imagen_jax.train.state import TrainState, param_shapes
@@ -32,7 +32,7 @@ SR_BINDINGS = [
     "SamplingConfig.sampler = 'dpmpp_2m'",
     "SamplingConfig.num_steps = 12",
     "SamplingConfig.aug_level = 0.2",
-    "tiny_sr.dtype = 'bfloat16'",
+    "EfficientUNet.dtype = 'bfloat16'",
 ]
 
 
@@ -100,3 +100,21 @@ def test_a_checkpoint_without_a_stage_record_is_refused_in_one_line(tmp_path, gi
     with pytest.raises(ImagenError, match="holds no stage record") as e:
         cascade.load_stage(str(tmp_path), mesh=mesh, rules=())
     assert isinstance(e.value, CheckpointError) and "\n" not in str(e.value)
+
+
+def test_a_base_stage_refuses_an_aug_level_it_would_ignore(gin_stage):
+    """A base stage has no low-res input: an aug_level would be recorded (and reported in
+    samples.json) yet change nothing. Refused in one line; records written before the rule load
+    with the level they actually sampled at (0)."""
+    with pytest.raises(ConfigError, match=r"stage 'base64': SamplingConfig.aug_level=0.2 on a "
+                       "base stage") as e:  # the SR stage's 0.2 is meaningless without lowres
+        gin_stage.replace(lowres_resolution=None, train_crop=None, name="base64")
+    assert "leave it 0" in str(e.value).splitlines()[0]  # (gin appends its call site below)
+    base = gin_stage.replace(lowres_resolution=None, train_crop=None,
+                             sampling=gin_stage.sampling.replace(aug_level=0.0))
+    with pytest.raises(ConfigError, match="aug_level=0.3 on a base stage"):
+        base.with_sampling(aug_level=0.3)
+    old = base.to_dict()
+    old["sampling"]["aug_level"] = 0.3  # as a base record could hold before the rule
+    assert Stage.from_dict(old).sampling.aug_level == 0.0
+    assert Stage.from_dict(gin_stage.to_dict()).sampling.aug_level == pytest.approx(0.2)

@@ -20,7 +20,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from imagen_jax import cascade, diffusion, gin_utils, partitioning
-from imagen_jax.nn import presets
 from imagen_jax.stage import Stage
 from imagen_jax.train import optim, state, step, testing, trainer
 
@@ -42,18 +41,10 @@ SHIFT = 2.0
 AUG_LEVEL = 0.3
 SR_CONFIG = f"""
 train.stage = @Stage()
-Stage.model = @tiny_sr()
-tiny_sr.blocks = [[8, 1]]
-tiny_sr.stem_channels = 8
-tiny_sr.self_attention = [False]
-tiny_sr.cross_attention = [False]
-tiny_sr.num_heads = 2
-tiny_sr.text_embed_dim = 16
-tiny_sr.text_cond_dim = 16
-tiny_sr.embed_dim = 16
-tiny_sr.sinusoid_dim = 16
-tiny_sr.num_groups = 4
-Stage.resolution = 16
+{testing.gin_model_bindings(testing.tiny_sr(
+    blocks=((8, 1),), stem_channels=8, self_attention=(False,), cross_attention=(False,),
+    num_heads=2, text_embed_dim=16, text_cond_dim=16, embed_dim=16, sinusoid_dim=16,
+    num_groups=4))}Stage.resolution = 16
 Stage.lowres_resolution = 8
 Stage.text_length = 4
 Stage.text_embed_dim = 16
@@ -187,8 +178,8 @@ EMA_DECAY = 0.9  # warm-up (1 + n) / (10 + n) reaches 0.9 at n = 80 updates: bot
 
 def _small_stage(dtype: str) -> Stage:
     """The paper's mixed-precision recipe on a tiny base U-Net: compute in `dtype`, float32
-    parameters (`<preset>.dtype = "bfloat16"`, `param_dtype` float32)."""
-    model = presets.tiny_base(channels=8, channel_mult=(1,), num_res_blocks=1,
+    parameters (`BaseUNet.dtype = "bfloat16"`, `param_dtype` float32)."""
+    model = testing.tiny_base(channels=8, channel_mult=(1,), num_res_blocks=1,
                               attn_resolutions=(), head_dim=8, text_embed_dim=8,
                               text_cond_dim=8, image_size=8, num_groups=2,
                               resblock_updown=False, dtype=dtype, param_dtype="float32")

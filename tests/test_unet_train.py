@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 from imagen_jax import diffusion
-from imagen_jax.nn import tiny_base, tiny_sr
+from imagen_jax.train.testing import tiny_base, tiny_sr
 from tests.support_unet import random_params
 
 NUM_IMAGES, SIZE, L, D = 8, 16, 4, 32

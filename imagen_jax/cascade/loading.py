@@ -4,6 +4,7 @@ mesh, and the per-stage sampler overrides bound in gin."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from imagen_jax.errors import CascadeError, CheckpointError, ConfigError
 from imagen_jax.stage import Stage
 from imagen_jax.text import load_t5
 from imagen_jax.train.checkpoint import Checkpointer
+
+log = logging.getLogger(__name__)
 
 PyTree = Any
 
@@ -136,6 +139,12 @@ def load_cascade(
     loaded = [load_stage(d, mesh=mesh, rules=rules) for d in stage_dirs]
     stages = [s for s, _ in loaded]
     for i, over in enumerate(overrides or ()):
+        if not stages[i].is_super_res and over.get("aug_level"):
+            # An unscoped `SamplingConfig.aug_level` is meant for the SR stages; a base stage
+            # has no low-res input (the Stage refuses a level it would ignore).
+            log.info("%s is a base stage: aug_level=%g applies to super-resolution stages "
+                         "only", stages[i].name or f"stage {i}", over["aug_level"])
+            over = {k: v for k, v in over.items() if k != "aug_level"}
         if over:
             stages[i] = stages[i].with_sampling(**over)
     check_chain(stages)  # before loading T5: cheap, clear errors first

@@ -2,10 +2,25 @@
 
 Schedules, the eps / v / x0 parameterisations, losses, classifier-free guidance, thresholding,
 noise conditioning augmentation and compiled samplers (Imagen, Saharia et al. 2022, Sec. 2 and
-App. A). See docs/DESIGN.md for the contracts.
+App. A); and the discrete learned-variance sampler of DeepFloyd IF (`discrete`, `respacing`).
+See docs/DESIGN.md for the contracts.
 """
 
 from imagen_jax.diffusion.analytic import GaussianMixture1D
+from imagen_jax.diffusion.discrete import (
+    BETA_SCHEDULES,
+    IF_STAGE_I_SAMPLING,
+    IF_STAGE_II_SAMPLING,
+    DiscreteSchedule,
+    add_discrete_noise,
+    discrete_betas,
+    guided_learned_range_model_fn,
+    learned_range_step,
+    noise_augment_upsampled,
+    noise_level_from_aug,
+    resize_bilinear_align_corners,
+    sample_learned_range,
+)
 from imagen_jax.diffusion.guidance import (
     DEFAULT_COND_DROP_PROB,
     drop_text_condition,
@@ -26,6 +41,7 @@ from imagen_jax.diffusion.predictions import (
     prediction_target,
     to_x0_eps,
 )
+from imagen_jax.diffusion.respacing import IF_RESPACINGS, TIMESTEP_SPACINGS, respaced_timesteps
 from imagen_jax.diffusion.samplers import (
     DEFAULT_NUM_STEPS,
     SAMPLERS,
@@ -44,7 +60,7 @@ from imagen_jax.diffusion.schedules import (
     alpha_sigma_from_logsnr,
     get_schedule,
 )
-from imagen_jax.diffusion.settings import check_sampling_settings
+from imagen_jax.diffusion.settings import DISCRETE_SAMPLERS, check_sampling_settings
 from imagen_jax.diffusion.thresholding import (
     DEFAULT_PERCENTILE,
     THRESHOLDINGS,
@@ -54,6 +70,22 @@ from imagen_jax.diffusion.thresholding import (
 )
 
 __all__ = [
+    "BETA_SCHEDULES",
+    "DISCRETE_SAMPLERS",
+    "IF_RESPACINGS",
+    "IF_STAGE_I_SAMPLING",
+    "IF_STAGE_II_SAMPLING",
+    "TIMESTEP_SPACINGS",
+    "DiscreteSchedule",
+    "add_discrete_noise",
+    "discrete_betas",
+    "guided_learned_range_model_fn",
+    "learned_range_step",
+    "noise_augment_upsampled",
+    "noise_level_from_aug",
+    "resize_bilinear_align_corners",
+    "respaced_timesteps",
+    "sample_learned_range",
     "DEFAULT_COND_DROP_PROB",
     "DEFAULT_NUM_STEPS",
     "DEFAULT_PERCENTILE",

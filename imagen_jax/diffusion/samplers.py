@@ -31,10 +31,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.diffusion.discrete import (
+    DiscreteSchedule,
+    guided_learned_range_model_fn,
+    sample_with_settings,
+)
 from imagen_jax.diffusion.guidance import guided_model_fn
 from imagen_jax.diffusion.predictions import check_prediction, x0_eps_from_prediction
+from imagen_jax.diffusion.respacing import EVEN_SPACING
 from imagen_jax.diffusion.schedules import CosineSchedule, Schedule, alpha_sigma_from_logsnr
-from imagen_jax.diffusion.settings import SAMPLERS, check_sampling_settings
+from imagen_jax.diffusion.settings import (
+    DISCRETE_SAMPLERS,
+    NO_THRESHOLD_CAP,
+    SAMPLERS,
+    check_sampling_settings,
+)
 from imagen_jax.diffusion.thresholding import (
     DEFAULT_PERCENTILE,
     apply_thresholding,
@@ -54,7 +65,8 @@ DEFAULT_NUM_STEPS = {"ddpm": 256, "ddim": 50, "dpmpp_2m": 25}
 
 def check_sampler(sampler: str) -> str:
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        hint = " (discrete: use SamplingConfig.sample)" if sampler in DISCRETE_SAMPLERS else ""
+        raise ValueError(f"unknown sampler {sampler!r}{hint}; choose one of {SAMPLERS}")
     return sampler
 
 
@@ -295,6 +307,13 @@ class SamplingConfig:
     an SR stage's low-res input is augmented with at sampling (Sec. 2.5: 0 gives the best FID,
     0.1-0.3 the best-looking samples; ignored by a base stage).
 
+    ``sampler="learned_range"`` samples a discrete model with a learned variance (DeepFloyd IF,
+    `imagen_jax.diffusion.discrete`; settings for IF in ``discrete.IF_STAGE_I_SAMPLING`` and
+    ``IF_STAGE_II_SAMPLING``): ``timesteps`` picks its integer timesteps ('even' or one of IF's
+    named lists, whose length ``num_steps`` must equal), ``threshold_max`` caps the dynamic
+    threshold, and an SR stage's ``aug_level`` is its noise level over T (0.25 = 250 of 1,000).
+    The continuous samplers refuse other values of these two.
+
     Every field is validated here (`check_sampling_settings`): a NaN/Inf or out-of-range value or
     a fractional ``num_steps`` raises ``ConfigError`` naming the field and its valid range; a whole
     float step count (3.0) is stored as the int 3. Overrides are `replace` (validated again).
@@ -306,6 +325,8 @@ class SamplingConfig:
     thresholding: str = "dynamic"
     percentile: float = DEFAULT_PERCENTILE
     aug_level: float = 0.0
+    timesteps: str = EVEN_SPACING
+    threshold_max: float = NO_THRESHOLD_CAP
 
     def __post_init__(self):
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -324,11 +345,16 @@ class SamplingConfig:
         shape: tuple[int, ...],
         rng: Array,
         *,
-        schedule: Schedule,
+        schedule: Schedule | DiscreteSchedule,
         prediction: str = "eps",
         init_noise: Array | None = None,
     ) -> Array:
-        """`sample` with these settings; ``model_fn`` is unguided (B rows in, B rows out)."""
+        """`sample` with these settings; ``model_fn`` is unguided (B rows in, B rows out).
+        A discrete sampler runs `discrete.sample_with_settings` (same arguments)."""
+        if self.sampler in DISCRETE_SAMPLERS:
+            return sample_with_settings(
+                self, model_fn, shape, rng, schedule=schedule, prediction=prediction,
+                init_noise=init_noise)
         return sample(
             model_fn,
             shape,
@@ -342,25 +368,10 @@ class SamplingConfig:
             init_noise=init_noise,
         )
 
-    def sample_guided(
-        self,
-        model_fn_2b: ModelFn,
-        shape: tuple[int, ...],
-        rng: Array,
-        *,
-        schedule: Schedule,
-        prediction: str = "eps",
-        init_noise: Array | None = None,
-    ) -> Array:
-        """`sample` with classifier-free guidance at ``guidance_weight``.
-
-        ``model_fn_2b`` takes the doubled batch (conditional rows first, see `guided_model_fn`).
-        """
-        return self.sample(
-            guided_model_fn(model_fn_2b, self.guidance_weight),
-            shape,
-            rng,
-            schedule=schedule,
-            prediction=prediction,
-            init_noise=init_noise,
-        )
+    def sample_guided(self, model_fn_2b: ModelFn, *args: Any, **kwargs: Any) -> Array:
+        """`SamplingConfig.sample` (same arguments) with classifier-free guidance at
+        ``guidance_weight``: ``model_fn_2b`` takes the doubled batch (conditional rows first, see
+        `guided_model_fn`; a discrete sampler guides eps only, `guided_learned_range_model_fn`)."""
+        guide = (guided_learned_range_model_fn if self.sampler in DISCRETE_SAMPLERS
+                 else guided_model_fn)
+        return self.sample(guide(model_fn_2b, self.guidance_weight), *args, **kwargs)

@@ -61,6 +61,37 @@ class CLIPConfig:
     eos_token_id: int | None = None
     precision: str | None = "highest"
 
+    def tower(self, kind: str) -> TowerSpec:
+        """The transformer of the ``"vision"`` tower (bidirectional) or the ``"text"`` tower
+        (causal), from this config's ``{kind}_width`` / ``_layers`` / ``_heads`` / ``_mlp_dim``
+        and the settings both towers share. Raises ValueError for another ``kind``."""
+        if kind not in ("vision", "text"):
+            raise ValueError(f"unknown CLIP tower {kind!r}; use 'vision' or 'text'")
+        per_tower = ("width", "layers", "heads", "mlp_dim")
+        return TowerSpec(
+            **{field: getattr(self, f"{kind}_{field}") for field in per_tower},
+            activation=self.activation,
+            causal=kind == "text",
+            eps=self.layer_norm_eps,
+            precision=self.precision,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerSpec:
+    """One tower's transformer: ``layers`` pre-LN blocks of ``width`` channels, ``heads``
+    attention heads and an MLP of ``mlp_dim``; ``causal`` masks attention to earlier tokens (text
+    tower); ``eps`` is the LayerNorm epsilon, ``precision`` the matmul precision."""
+
+    width: int
+    layers: int
+    heads: int
+    mlp_dim: int
+    activation: str
+    causal: bool
+    eps: float
+    precision: str | None
+
 
 CLIP_CONFIGS: dict[str, CLIPConfig] = {
     "ViT-B/32": CLIPConfig(),
@@ -99,62 +130,43 @@ def _dense(features: int, axes: tuple[str, str], precision, name: str) -> nn.Den
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
 
-    width: int
-    heads: int
-    mlp_dim: int
-    activation: str
-    causal: bool
-    eps: float
-    precision: str | None
+    spec: TowerSpec
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, width]
+        s = self.spec
         b, length, _ = x.shape
-        head_dim = self.width // self.heads
-        h = nn.LayerNorm(epsilon=self.eps, name="ln_1")(x)
+        head_dim = s.width // s.heads
+        h = nn.LayerNorm(epsilon=s.eps, name="ln_1")(x)
         q, k, v = (
-            _dense(self.width, ("embed", "heads"), self.precision, f"attn_{n}")(h).reshape(
-                b, length, self.heads, head_dim
+            _dense(s.width, ("embed", "heads"), s.precision, f"attn_{n}")(h).reshape(
+                b, length, s.heads, head_dim
             )
             for n in ("q", "k", "v")
         )
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision) / np.sqrt(head_dim)
-        if self.causal:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=s.precision) / np.sqrt(head_dim)
+        if s.causal:
             mask = jnp.tril(jnp.ones((length, length), bool))
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=self.precision)
-        attn = attn.reshape(b, length, self.width)
-        x = x + _dense(self.width, ("heads", "embed"), self.precision, "attn_out")(attn)
-        h = nn.LayerNorm(epsilon=self.eps, name="ln_2")(x)
-        h = _dense(self.mlp_dim, ("embed", "mlp"), self.precision, "mlp_fc")(h)
-        h = _activation(self.activation)(h)
-        return x + _dense(self.width, ("mlp", "embed"), self.precision, "mlp_proj")(h)
+        attn = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=s.precision)
+        attn = attn.reshape(b, length, s.width)
+        x = x + _dense(s.width, ("heads", "embed"), s.precision, "attn_out")(attn)
+        h = nn.LayerNorm(epsilon=s.eps, name="ln_2")(x)
+        h = _dense(s.mlp_dim, ("embed", "mlp"), s.precision, "mlp_fc")(h)
+        h = _activation(s.activation)(h)
+        return x + _dense(s.width, ("mlp", "embed"), s.precision, "mlp_proj")(h)
 
 
 class Transformer(nn.Module):
-    width: int
-    layers: int
-    heads: int
-    mlp_dim: int
-    activation: str
-    causal: bool
-    eps: float
-    precision: str | None
+    """``spec.layers`` residual attention blocks: [B, L, width] -> [B, L, width]."""
+
+    spec: TowerSpec
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.layers):
-            x = ResidualAttentionBlock(
-                self.width,
-                self.heads,
-                self.mlp_dim,
-                self.activation,
-                self.causal,
-                self.eps,
-                self.precision,
-                name=f"resblocks_{i}",
-            )(x)
+        for i in range(self.spec.layers):
+            x = ResidualAttentionBlock(self.spec, name=f"resblocks_{i}")(x)
         return x
 
 
@@ -190,17 +202,7 @@ class VisionTower(nn.Module):
                 f"this CLIP expects {c.image_size}x{c.image_size} (use preprocess_images)"
             )
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="ln_pre")(x + pos)
-        x = Transformer(
-            c.vision_width,
-            c.vision_layers,
-            c.vision_heads,
-            c.vision_mlp_dim,
-            c.activation,
-            False,
-            c.layer_norm_eps,
-            c.precision,
-            name="transformer",
-        )(x)
+        x = Transformer(c.tower("vision"), name="transformer")(x)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="ln_post")(x[:, 0])
         proj = self.param("proj", nn.initializers.lecun_normal(), (c.vision_width, c.embed_dim))
         return jnp.dot(x, proj, precision=c.precision)
@@ -219,17 +221,7 @@ class TextTower(nn.Module):
             "positional_embedding", nn.initializers.normal(0.01), (c.context_length, c.text_width)
         )
         x = x + pos[: ids.shape[1]]
-        x = Transformer(
-            c.text_width,
-            c.text_layers,
-            c.text_heads,
-            c.text_mlp_dim,
-            c.activation,
-            True,
-            c.layer_norm_eps,
-            c.precision,
-            name="transformer",
-        )(x)
+        x = Transformer(c.tower("text"), name="transformer")(x)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="ln_final")(x)
         if c.eos_token_id is None:
             eos = jnp.argmax(ids, axis=-1)
@@ -334,48 +326,44 @@ def is_hf_state_dict(sd: Mapping[str, Any]) -> bool:
     return any(k.startswith("vision_model.") for k in sd)
 
 
+# Tensors that give the architecture away: the patch conv, the position tables, each tower's
+# block prefix and first MLP weight [mlp_dim, width], the token table. Role: (name in Hugging
+# Face's layout, name in OpenAI's / open_clip's).
+_SHAPE_TENSORS = {
+    "conv": ("vision_model.embeddings.patch_embedding.weight", "visual.conv1.weight"),
+    "vision_pos": ("vision_model.embeddings.position_embedding.weight",
+                   "visual.positional_embedding"),
+    "vision_blocks": ("vision_model.encoder.layers.", "visual.transformer.resblocks."),
+    "text_blocks": ("text_model.encoder.layers.", "transformer.resblocks."),
+    "mlp_in": ("mlp.fc1.weight", "mlp.c_fc.weight"),
+    "tokens": ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+    "text_pos": ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+}
+HEAD_DIM = 64  # CLIP's convention: heads = width / 64 (head counts are not in the tensor shapes)
+
+
 def config_from_state_dict(sd: Mapping[str, np.ndarray], **overrides) -> CLIPConfig:
     """Infers the architecture from tensor shapes (heads = width / 64, the CLIP convention)."""
-    if is_hf_state_dict(sd):
-        conv = sd["vision_model.embeddings.patch_embedding.weight"]
-        vw, vl = conv.shape[0], _count_layers(sd, "vision_model.encoder.layers.")
-        tw = sd["text_model.embeddings.token_embedding.weight"].shape[1]
-        kw = dict(
-            embed_dim=sd["visual_projection.weight"].shape[0],
-            patch_size=conv.shape[-1],
-            image_size=int(
-                round((sd["vision_model.embeddings.position_embedding.weight"].shape[0] - 1) ** 0.5)
-            )
-            * conv.shape[-1],
-            vision_width=vw,
-            vision_layers=vl,
-            vision_mlp_dim=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-            text_width=tw,
-            text_layers=_count_layers(sd, "text_model.encoder.layers."),
-            text_mlp_dim=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-            vocab_size=sd["text_model.embeddings.token_embedding.weight"].shape[0],
-            context_length=sd["text_model.embeddings.position_embedding.weight"].shape[0],
-        )
-    else:
-        conv = sd["visual.conv1.weight"]
-        vw = conv.shape[0]
-        tw = sd["token_embedding.weight"].shape[1]
-        kw = dict(
-            embed_dim=sd["visual.proj"].shape[1],
-            patch_size=conv.shape[-1],
-            image_size=int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
-            * conv.shape[-1],
-            vision_width=vw,
-            vision_layers=_count_layers(sd, "visual.transformer.resblocks."),
-            vision_mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            text_width=tw,
-            text_layers=_count_layers(sd, "transformer.resblocks."),
-            text_mlp_dim=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            vocab_size=sd["token_embedding.weight"].shape[0],
-            context_length=sd["positional_embedding"].shape[0],
-        )
-    kw["vision_heads"] = max(1, kw["vision_width"] // 64)
-    kw["text_heads"] = max(1, kw["text_width"] // 64)
+    hf = is_hf_state_dict(sd)
+    names = {role: pair[0 if hf else 1] for role, pair in _SHAPE_TENSORS.items()}
+    conv, tokens = sd[names["conv"]], sd[names["tokens"]]
+    patch = conv.shape[-1]
+    kw = dict(
+        # The image projection is [embed, width] in Hugging Face's layout, [width, embed] in
+        # OpenAI's.
+        embed_dim=sd["visual_projection.weight"].shape[0] if hf else sd["visual.proj"].shape[1],
+        patch_size=patch,
+        image_size=int(round((sd[names["vision_pos"]].shape[0] - 1) ** 0.5)) * patch,
+        vision_width=conv.shape[0],
+        text_width=tokens.shape[1],
+        vocab_size=tokens.shape[0],
+        context_length=sd[names["text_pos"]].shape[0],
+    )
+    for kind in ("vision", "text"):
+        blocks = names[f"{kind}_blocks"]
+        kw[f"{kind}_layers"] = _count_layers(sd, blocks)
+        kw[f"{kind}_mlp_dim"] = sd[f"{blocks}0.{names['mlp_in']}"].shape[0]
+        kw[f"{kind}_heads"] = max(1, kw[f"{kind}_width"] // HEAD_DIM)
     kw.update(overrides)
     return CLIPConfig(**kw)
 
@@ -480,30 +468,38 @@ def load_clip(path: str, config: CLIPConfig | str | None = None) -> tuple[CLIPCo
     return config, params_from_state_dict(sd, config)
 
 
+# Hugging Face config.json keys of the CLIPConfig fields: (sub-config, key) per field, and the
+# keys of each tower's transformer in its sub-config ("vision_config" / "text_config").
+_HF_KEYS = {
+    "embed_dim": (None, "projection_dim"),
+    "image_size": ("vision_config", "image_size"),
+    "patch_size": ("vision_config", "patch_size"),
+    "vocab_size": ("text_config", "vocab_size"),
+    "context_length": ("text_config", "max_position_embeddings"),
+    "activation": ("text_config", "hidden_act"),
+    "layer_norm_eps": ("text_config", "layer_norm_eps"),
+}
+_HF_TOWER_KEYS = {"width": "hidden_size", "layers": "num_hidden_layers",
+                  "heads": "num_attention_heads", "mlp_dim": "intermediate_size"}
+_HF_LEGACY_EOS = 2  # transformers: eos id 2 is the legacy config meaning "argmax" pooling
+
+
 def _config_from_hf_json(path: str) -> CLIPConfig:
+    """CLIPConfig of a Hugging Face ``config.json``; a key it lacks keeps CLIPConfig's default
+    (ViT-B/32, which is also what transformers assumes)."""
     with open(path) as f:
         cfg = json.load(f)
-    tc, vc = cfg.get("text_config", {}), cfg.get("vision_config", {})
-    eos = tc.get("eos_token_id", 2)
-    return CLIPConfig(
-        embed_dim=cfg.get("projection_dim", 512),
-        image_size=vc.get("image_size", 224),
-        patch_size=vc.get("patch_size", 32),
-        vision_width=vc.get("hidden_size", 768),
-        vision_layers=vc.get("num_hidden_layers", 12),
-        vision_heads=vc.get("num_attention_heads", 12),
-        vision_mlp_dim=vc.get("intermediate_size", 3072),
-        text_width=tc.get("hidden_size", 512),
-        text_layers=tc.get("num_hidden_layers", 12),
-        text_heads=tc.get("num_attention_heads", 8),
-        text_mlp_dim=tc.get("intermediate_size", 2048),
-        vocab_size=tc.get("vocab_size", 49408),
-        context_length=tc.get("max_position_embeddings", 77),
-        activation=tc.get("hidden_act", "quick_gelu"),
-        layer_norm_eps=tc.get("layer_norm_eps", 1e-5),
-        # transformers: eos id 2 is the legacy config meaning "argmax" pooling.
-        eos_token_id=None if eos == 2 else eos,
-    )
+    kw = {}
+    for name, (sub, key) in _HF_KEYS.items():
+        section = cfg.get(sub, {}) if sub else cfg
+        if key in section:
+            kw[name] = section[key]
+    for kind in ("vision", "text"):
+        section = cfg.get(f"{kind}_config", {})
+        kw.update({f"{kind}_{field}": section[key] for field, key in _HF_TOWER_KEYS.items()
+                   if key in section})
+    eos = cfg.get("text_config", {}).get("eos_token_id", _HF_LEGACY_EOS)
+    return CLIPConfig(**kw, eos_token_id=None if eos == _HF_LEGACY_EOS else eos)
 
 
 # ----------------------------------------------------------------------------- tokenizer

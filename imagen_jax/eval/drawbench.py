@@ -30,6 +30,7 @@ from PIL import Image
 
 from imagen_jax.data.shapes import CaptionParseError
 from imagen_jax.eval import shapes_score
+from imagen_jax.eval.samples import write_samples
 
 SampleFn = Callable[[list[str], int], np.ndarray]
 # scorer(images uint8 [N, H, W, 3], prompts) -> float [N] (NaN where it does not apply).
@@ -88,12 +89,6 @@ def image_relpath(index: int, k: int) -> str:
     return f"images/{index:03d}_{k}.png"
 
 
-def _save_png(image: np.ndarray, path: str) -> None:
-    tmp = path + ".tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)  # atomic: a preempted run never leaves a truncated PNG behind
-
-
 def make_grid(rows: Sequence[Sequence[np.ndarray]], cell: int, pad: int = 2) -> np.ndarray:
     """uint8 grid: ``rows[r][c]`` images resized to ``cell`` x ``cell``, white padding."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
@@ -130,18 +125,12 @@ def run_drawbench(
     if num_per_prompt < 1 or prompts_per_batch < 1:
         raise ValueError("num_per_prompt and prompts_per_batch must be >= 1")
     prompts = load_prompts(categories)
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
     num_batches = math.ceil(len(prompts) / prompts_per_batch)
     sample_seconds = 0.0
     for b in range(num_batches):
         batch = prompts[b * prompts_per_batch : (b + 1) * prompts_per_batch]
-        paths = [
-            os.path.join(out_dir, image_relpath(p.index, k))
-            for p in batch
-            for k in range(num_per_prompt)
-        ]
-        if all(os.path.exists(p) for p in paths):
+        rels = [image_relpath(p.index, k) for p in batch for k in range(num_per_prompt)]
+        if all(os.path.exists(os.path.join(out_dir, rel)) for rel in rels):
             continue  # done before an interruption
         texts = [p.prompt for p in batch for _ in range(num_per_prompt)]
         start = time.perf_counter()
@@ -152,8 +141,8 @@ def run_drawbench(
                 f"sample_fn must return uint8 [{len(texts)}, H, W, 3]; got {images.dtype} "
                 f"{images.shape}"
             )
-        for image, path in zip(images, paths):
-            _save_png(image, path)
+        # Atomic writes: a preempted run never leaves a truncated PNG behind.
+        write_samples(out_dir, dict(zip(rels, images)))
         if progress is not None:
             progress(min((b + 1) * prompts_per_batch, len(prompts)), len(prompts))
 
@@ -172,12 +161,11 @@ def run_drawbench(
     by_category: dict[str, list[dict]] = {}
     for e in entries:
         by_category.setdefault(e["category"], []).append(e)
-    grids = {}
+    grids, grid_images = {}, {}
     for category, items in by_category.items():
         rows = [[_load(out_dir, rel) for rel in e["images"]] for e in items]
-        rel = f"grids/{category_slug(category)}.png"
-        _save_png(make_grid(rows, grid_cell), os.path.join(out_dir, rel))
-        grids[category] = rel
+        grids[category] = f"grids/{category_slug(category)}.png"
+        grid_images[grids[category]] = make_grid(rows, grid_cell)
     run = {
         "label": label or os.path.basename(os.path.abspath(out_dir)),
         "seed": seed,
@@ -190,10 +178,7 @@ def run_drawbench(
         "grids": grids,
         "prompts": entries,
     }
-    tmp = os.path.join(out_dir, RUN_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(run, f, indent=1, allow_nan=True)
-    os.replace(tmp, os.path.join(out_dir, RUN_FILE))
+    write_samples(out_dir, grid_images, manifest=run, manifest_file=RUN_FILE)
     return run
 
 
@@ -237,7 +222,7 @@ def load_run(run_dir: str) -> dict:
             f"{run_dir!r} holds no {RUN_FILE}; run `python -m launch.evaluate drawbench "
             f"--out={run_dir}` first"
         )
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 

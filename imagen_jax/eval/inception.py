@@ -13,11 +13,11 @@ Submodule names equal the PyTorch attribute names, so weight conversion is a ren
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -79,96 +79,95 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
 
-class InceptionA(nn.Module):
+class InceptionBlock(nn.Module):
+    """A network of `BasicConv2d` units run at one matmul / conv ``precision`` (keyword-only, so
+    that each block's own fields come first); ``self.conv(features, kernel, ...)`` builds one."""
+
+    precision: str | None = dataclasses.field(default="highest", kw_only=True)
+
+    def conv(self, features: int, kernel: tuple[int, int], **kwargs: Any) -> BasicConv2d:
+        return BasicConv2d(features, kernel, precision=self.precision, **kwargs)
+
+
+class InceptionA(InceptionBlock):
     pool_features: int
-    precision: str | None = "highest"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = partial(BasicConv2d, precision=self.precision)
-        b1 = conv(64, (1, 1), name="branch1x1")(x)
-        b5 = conv(48, (1, 1), name="branch5x5_1")(x)
-        b5 = conv(64, (5, 5), padding=_pad((5, 5)), name="branch5x5_2")(b5)
-        b3 = conv(64, (1, 1), name="branch3x3dbl_1")(x)
-        b3 = conv(96, (3, 3), padding=_pad((3, 3)), name="branch3x3dbl_2")(b3)
-        b3 = conv(96, (3, 3), padding=_pad((3, 3)), name="branch3x3dbl_3")(b3)
-        bp = conv(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_3x3_exclude_pad(x))
+        b1 = self.conv(64, (1, 1), name="branch1x1")(x)
+        b5 = self.conv(48, (1, 1), name="branch5x5_1")(x)
+        b5 = self.conv(64, (5, 5), padding=_pad((5, 5)), name="branch5x5_2")(b5)
+        b3 = self.conv(64, (1, 1), name="branch3x3dbl_1")(x)
+        b3 = self.conv(96, (3, 3), padding=_pad((3, 3)), name="branch3x3dbl_2")(b3)
+        b3 = self.conv(96, (3, 3), padding=_pad((3, 3)), name="branch3x3dbl_3")(b3)
+        pooled = _avg_pool_3x3_exclude_pad(x)
+        bp = self.conv(self.pool_features, (1, 1), name="branch_pool")(pooled)
         return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
-class InceptionB(nn.Module):
-    precision: str | None = "highest"
-
+class InceptionB(InceptionBlock):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = partial(BasicConv2d, precision=self.precision)
-        b3 = conv(384, (3, 3), strides=(2, 2), name="branch3x3")(x)
-        bd = conv(64, (1, 1), name="branch3x3dbl_1")(x)
-        bd = conv(96, (3, 3), padding=_pad((3, 3)), name="branch3x3dbl_2")(bd)
-        bd = conv(96, (3, 3), strides=(2, 2), name="branch3x3dbl_3")(bd)
+        b3 = self.conv(384, (3, 3), strides=(2, 2), name="branch3x3")(x)
+        bd = self.conv(64, (1, 1), name="branch3x3dbl_1")(x)
+        bd = self.conv(96, (3, 3), padding=_pad((3, 3)), name="branch3x3dbl_2")(bd)
+        bd = self.conv(96, (3, 3), strides=(2, 2), name="branch3x3dbl_3")(bd)
         return jnp.concatenate([b3, bd, _max_pool_3x3_s2(x)], axis=-1)
 
 
-class InceptionC(nn.Module):
+class InceptionC(InceptionBlock):
     channels_7x7: int
-    precision: str | None = "highest"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = partial(BasicConv2d, precision=self.precision)
         c7 = self.channels_7x7
-        b1 = conv(192, (1, 1), name="branch1x1")(x)
-        b7 = conv(c7, (1, 1), name="branch7x7_1")(x)
-        b7 = conv(c7, (1, 7), padding=_pad((1, 7)), name="branch7x7_2")(b7)
-        b7 = conv(192, (7, 1), padding=_pad((7, 1)), name="branch7x7_3")(b7)
-        bd = conv(c7, (1, 1), name="branch7x7dbl_1")(x)
-        bd = conv(c7, (7, 1), padding=_pad((7, 1)), name="branch7x7dbl_2")(bd)
-        bd = conv(c7, (1, 7), padding=_pad((1, 7)), name="branch7x7dbl_3")(bd)
-        bd = conv(c7, (7, 1), padding=_pad((7, 1)), name="branch7x7dbl_4")(bd)
-        bd = conv(192, (1, 7), padding=_pad((1, 7)), name="branch7x7dbl_5")(bd)
-        bp = conv(192, (1, 1), name="branch_pool")(_avg_pool_3x3_exclude_pad(x))
+        b1 = self.conv(192, (1, 1), name="branch1x1")(x)
+        b7 = self.conv(c7, (1, 1), name="branch7x7_1")(x)
+        b7 = self.conv(c7, (1, 7), padding=_pad((1, 7)), name="branch7x7_2")(b7)
+        b7 = self.conv(192, (7, 1), padding=_pad((7, 1)), name="branch7x7_3")(b7)
+        bd = self.conv(c7, (1, 1), name="branch7x7dbl_1")(x)
+        bd = self.conv(c7, (7, 1), padding=_pad((7, 1)), name="branch7x7dbl_2")(bd)
+        bd = self.conv(c7, (1, 7), padding=_pad((1, 7)), name="branch7x7dbl_3")(bd)
+        bd = self.conv(c7, (7, 1), padding=_pad((7, 1)), name="branch7x7dbl_4")(bd)
+        bd = self.conv(192, (1, 7), padding=_pad((1, 7)), name="branch7x7dbl_5")(bd)
+        bp = self.conv(192, (1, 1), name="branch_pool")(_avg_pool_3x3_exclude_pad(x))
         return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
-class InceptionD(nn.Module):
-    precision: str | None = "highest"
-
+class InceptionD(InceptionBlock):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = partial(BasicConv2d, precision=self.precision)
-        b3 = conv(192, (1, 1), name="branch3x3_1")(x)
-        b3 = conv(320, (3, 3), strides=(2, 2), name="branch3x3_2")(b3)
-        b7 = conv(192, (1, 1), name="branch7x7x3_1")(x)
-        b7 = conv(192, (1, 7), padding=_pad((1, 7)), name="branch7x7x3_2")(b7)
-        b7 = conv(192, (7, 1), padding=_pad((7, 1)), name="branch7x7x3_3")(b7)
-        b7 = conv(192, (3, 3), strides=(2, 2), name="branch7x7x3_4")(b7)
+        b3 = self.conv(192, (1, 1), name="branch3x3_1")(x)
+        b3 = self.conv(320, (3, 3), strides=(2, 2), name="branch3x3_2")(b3)
+        b7 = self.conv(192, (1, 1), name="branch7x7x3_1")(x)
+        b7 = self.conv(192, (1, 7), padding=_pad((1, 7)), name="branch7x7x3_2")(b7)
+        b7 = self.conv(192, (7, 1), padding=_pad((7, 1)), name="branch7x7x3_3")(b7)
+        b7 = self.conv(192, (3, 3), strides=(2, 2), name="branch7x7x3_4")(b7)
         return jnp.concatenate([b3, b7, _max_pool_3x3_s2(x)], axis=-1)
 
 
-class InceptionE(nn.Module):
+class InceptionE(InceptionBlock):
     """``max_pool_branch``: the FID graph's last block (Mixed_7c) max-pools its pool branch."""
 
     max_pool_branch: bool = False
-    precision: str | None = "highest"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = partial(BasicConv2d, precision=self.precision)
-        b1 = conv(320, (1, 1), name="branch1x1")(x)
-        b3 = conv(384, (1, 1), name="branch3x3_1")(x)
+        b1 = self.conv(320, (1, 1), name="branch1x1")(x)
+        b3 = self.conv(384, (1, 1), name="branch3x3_1")(x)
         b3 = jnp.concatenate(
             [
-                conv(384, (1, 3), padding=_pad((1, 3)), name="branch3x3_2a")(b3),
-                conv(384, (3, 1), padding=_pad((3, 1)), name="branch3x3_2b")(b3),
+                self.conv(384, (1, 3), padding=_pad((1, 3)), name="branch3x3_2a")(b3),
+                self.conv(384, (3, 1), padding=_pad((3, 1)), name="branch3x3_2b")(b3),
             ],
             axis=-1,
         )
-        bd = conv(448, (1, 1), name="branch3x3dbl_1")(x)
-        bd = conv(384, (3, 3), padding=_pad((3, 3)), name="branch3x3dbl_2")(bd)
+        bd = self.conv(448, (1, 1), name="branch3x3dbl_1")(x)
+        bd = self.conv(384, (3, 3), padding=_pad((3, 3)), name="branch3x3dbl_2")(bd)
         bd = jnp.concatenate(
             [
-                conv(384, (1, 3), padding=_pad((1, 3)), name="branch3x3dbl_3a")(bd),
-                conv(384, (3, 1), padding=_pad((3, 1)), name="branch3x3dbl_3b")(bd),
+                self.conv(384, (1, 3), padding=_pad((1, 3)), name="branch3x3dbl_3a")(bd),
+                self.conv(384, (3, 1), padding=_pad((3, 1)), name="branch3x3dbl_3b")(bd),
             ],
             axis=-1,
         )
@@ -176,43 +175,40 @@ class InceptionE(nn.Module):
             pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
         else:
             pooled = _avg_pool_3x3_exclude_pad(x)
-        bp = conv(192, (1, 1), name="branch_pool")(pooled)
+        bp = self.conv(192, (1, 1), name="branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
-class InceptionV3FID(nn.Module):
+class InceptionV3FID(InceptionBlock):
     """Input float [B, 299, 299, 3] in [-1, 1] -> pool3 features float32 [B, 2048].
 
     ``precision``: matmul/conv precision; "highest" keeps float32 on TPU/GPU so features match
     the reference to ~1e-5 (lower precision shifts FID by more than papers' error bars).
     """
 
-    precision: str | None = "highest"
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = partial(BasicConv2d, precision=self.precision)
-        x = conv(32, (3, 3), strides=(2, 2), name="Conv2d_1a_3x3")(x)  # [B, 149, 149, 32]
-        x = conv(32, (3, 3), name="Conv2d_2a_3x3")(x)  # [B, 147, 147, 32]
-        x = conv(64, (3, 3), padding=_pad((3, 3)), name="Conv2d_2b_3x3")(x)
+        x = self.conv(32, (3, 3), strides=(2, 2), name="Conv2d_1a_3x3")(x)  # [B, 149, 149, 32]
+        x = self.conv(32, (3, 3), name="Conv2d_2a_3x3")(x)  # [B, 147, 147, 32]
+        x = self.conv(64, (3, 3), padding=_pad((3, 3)), name="Conv2d_2b_3x3")(x)
         x = _max_pool_3x3_s2(x)  # [B, 73, 73, 64]
-        x = conv(80, (1, 1), name="Conv2d_3b_1x1")(x)
-        x = conv(192, (3, 3), name="Conv2d_4a_3x3")(x)  # [B, 71, 71, 192]
+        x = self.conv(80, (1, 1), name="Conv2d_3b_1x1")(x)
+        x = self.conv(192, (3, 3), name="Conv2d_4a_3x3")(x)  # [B, 71, 71, 192]
         x = _max_pool_3x3_s2(x)  # [B, 35, 35, 192]
-        x = InceptionA(32, self.precision, name="Mixed_5b")(x)
-        x = InceptionA(64, self.precision, name="Mixed_5c")(x)
-        x = InceptionA(64, self.precision, name="Mixed_5d")(x)  # [B, 35, 35, 288]
-        x = InceptionB(self.precision, name="Mixed_6a")(x)  # [B, 17, 17, 768]
+        x = InceptionA(32, precision=self.precision, name="Mixed_5b")(x)
+        x = InceptionA(64, precision=self.precision, name="Mixed_5c")(x)
+        x = InceptionA(64, precision=self.precision, name="Mixed_5d")(x)  # [B, 35, 35, 288]
+        x = InceptionB(precision=self.precision, name="Mixed_6a")(x)  # [B, 17, 17, 768]
         for name, c7 in (
             ("Mixed_6b", 128),
             ("Mixed_6c", 160),
             ("Mixed_6d", 160),
             ("Mixed_6e", 192),
         ):
-            x = InceptionC(c7, self.precision, name=name)(x)
-        x = InceptionD(self.precision, name="Mixed_7a")(x)  # [B, 8, 8, 1280]
-        x = InceptionE(False, self.precision, name="Mixed_7b")(x)
-        x = InceptionE(True, self.precision, name="Mixed_7c")(x)  # [B, 8, 8, 2048]
+            x = InceptionC(c7, precision=self.precision, name=name)(x)
+        x = InceptionD(precision=self.precision, name="Mixed_7a")(x)  # [B, 8, 8, 1280]
+        x = InceptionE(False, precision=self.precision, name="Mixed_7b")(x)
+        x = InceptionE(True, precision=self.precision, name="Mixed_7c")(x)  # [B, 8, 8, 2048]
         return jnp.mean(x, axis=(1, 2))  # adaptive average pool to 1x1
 
 

@@ -10,34 +10,27 @@ Attention is self-attention with the text tokens concatenated to its keys/values
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.nn.attention import AttentionBlock
-from imagen_jax.nn.conditioning import Conditioning
-from imagen_jax.nn.layers import (
-    Conv,
-    GroupNorm,
-    ResBlock,
-    as_tuple,
-    check_text_inputs,
-    check_time,
-    constrain_image,
-    depth_to_space,
-    space_to_depth,
-)
+from imagen_jax.nn.layers import Conv, as_tuple, space_to_depth
+from imagen_jax.nn.unet import UNet
 
 Array = jax.Array
 
 
-class BaseUNet(nn.Module):
+@gin.configurable
+class BaseUNet(UNet):
     """Text-conditional ADM U-Net predicting eps / v / x0 (whatever the loss trains).
 
     Call: ``apply(variables, x [B,H,W,C_in], t [B], text_embeds [B,L,D], text_mask bool [B,L],
     lowres=None, aug_level=None, train=False) -> [B, H, W, out_channels]``.
+
+    The defaults are the paper's 2 B base model (gin_configs/models/base_2b.gin); the fields
+    shared with `EfficientUNet` (text conditioning, dtypes, remat, ...) are `UNet`'s.
     """
 
     channels: int = 512  # App. F.1 "embed dim 512"
@@ -53,64 +46,44 @@ class BaseUNet(nn.Module):
     head_dim: int = 64
     embed_dim: int | None = None  # timestep-embedding width; None -> 4 * channels (ADM)
     sinusoid_dim: int | None = None  # None -> channels
-    text_embed_dim: int = 4096  # T5-XXL
-    text_cond_dim: int = 1024
-    attn_pool: bool = True
-    attn_pool_heads: int = 8
-    out_channels: int = 3
-    dropout: float = 0.0  # App. F: no dropout
-    num_groups: int = 32
+    text_cond_dim: int = 512  # the 2 B model's text projection (overrides UNet's 1024)
     resblock_updown: bool = True  # BigGAN-style resampling residual blocks
-    remat: bool = False
-    attention_impl: str | None = None
-    dtype: Any = "float32"
-    param_dtype: Any = "float32"
 
-    @nn.compact
-    def __call__(self, x: Array, t: Array, text_embeds: Array, text_mask: Array,
-                 lowres: Array | None = None, aug_level: Array | None = None,
-                 train: bool = False) -> Array:
+    @nn.nowrap
+    def check_image_size(self, x: Array) -> None:
         name = type(self).__name__
-        if lowres is not None or aug_level is not None:
-            raise ValueError(f"{name} is a base (not super-resolution) model: call it with "
-                             "lowres=None and aug_level=None, or use EfficientUNet")
-        b, height, width, _ = x.shape
         num_levels = len(self.channel_mult)
         patch = self.patch_size
         if patch < 1:
             raise ValueError(f"{name}: patch_size must be >= 1, got {patch}")
         factor = patch * 2 ** (num_levels - 1)
+        _, height, width, _ = x.shape
         if height != width or height % factor:
             raise ValueError(f"{name}: x must be square with a side divisible by {factor}, got "
                              f"{x.shape}; the model has {num_levels} levels and patch_size "
                              f"{patch}")
-        check_time(t, b, "t", name)
-        check_text_inputs(text_embeds, text_mask, b, self.text_embed_dim, name)
 
-        dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        embed_dim = self.embed_dim or 4 * self.channels
+    @nn.compact
+    def __call__(self, x: Array, t: Array, text_embeds: Array, text_mask: Array,
+                 lowres: Array | None = None, aug_level: Array | None = None,
+                 train: bool = False) -> Array:
+        self.check_inputs(x, t, text_embeds, text_mask, lowres, aug_level)
+        num_levels = len(self.channel_mult)
+        patch = self.patch_size
+        kw = self.dtypes()
         blocks_per_level = as_tuple(self.num_res_blocks, num_levels, "num_res_blocks")
-        res_block = nn.remat(ResBlock) if self.remat else ResBlock
-        attn_block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
 
-        def resblock(ch: int, name: str, resample: str | None = None) -> ResBlock:
-            return res_block(ch, resample=resample, dropout=self.dropout, deterministic=not train,
-                             num_groups=self.num_groups, name=name, **kw)
+        def resblock(ch: int, name: str, resample: str | None = None) -> nn.Module:
+            return self.res_block(ch, name, train, resample=resample)
 
         def attention(h: Array, name: str) -> Array:
-            return attn_block(head_dim=self.head_dim, num_groups=self.num_groups,
-                              implementation=self.attention_impl, name=name,
-                              **kw)(h, text_tokens, text_mask)
+            return self.attention_block(name, head_dim=self.head_dim)(h, text_tokens, text_mask)
 
-        emb, text_tokens = Conditioning(
-            embed_dim, self.sinusoid_dim or self.channels, self.text_cond_dim, self.attn_pool,
-            self.attn_pool_heads, use_aug_level=False, name="cond", **kw)(t, text_embeds,
-                                                                         text_mask)
+        emb, text_tokens = self.conditioning(self.embed_dim or 4 * self.channels,
+                                             self.sinusoid_dim or self.channels, t, text_embeds,
+                                             text_mask, aug_level)
 
-        h = constrain_image(space_to_depth(x, patch).astype(dtype))  # [B, H/p, W/p, p*p*C]
-        h = Conv(self.channels * self.channel_mult[0], 3, channel_axes=(None, "conv_out"),
-                 name="conv_in", **kw)(h)
+        h = self.stem(space_to_depth(x, patch), self.channels * self.channel_mult[0])
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
             ch = self.channels * mult
@@ -147,9 +120,4 @@ class BaseUNet(nn.Module):
                     h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
                     h = Conv(ch, 3, name=f"up_{level}_upsample", **kw)(h)
 
-        h = nn.swish(GroupNorm(self.num_groups, param_dtype, name="norm_out")(h))
-        # Zero-initialised output: the untrained model predicts 0 (the mean of eps).
-        out = Conv(self.out_channels * patch * patch, 3, zero_init=True,
-                   channel_axes=("conv_in", None), name="conv_out", **kw)(h)
-        out = depth_to_space(out, patch)  # [B, H, W, out_channels]
-        return constrain_image(out.astype(jnp.float32))
+        return self.head(h, patch)  # [B, H, W, out_channels] float32

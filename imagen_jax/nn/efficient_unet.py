@@ -12,35 +12,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.nn.attention import AttentionBlock
-from imagen_jax.nn.conditioning import Conditioning
-from imagen_jax.nn.layers import (
-    CombineEmbs,
-    Conv,
-    GroupNorm,
-    ResBlock,
-    as_tuple,
-    check_text_inputs,
-    check_time,
-    constrain_image,
-    upsample_nearest,
-)
+from imagen_jax.nn.layers import CombineEmbs, Conv, as_tuple, upsample_nearest
+from imagen_jax.nn.unet import UNet
 
 Array = jax.Array
 
 
-class EfficientUNet(nn.Module):
+@gin.configurable
+class EfficientUNet(UNet):
     """Text-conditional super-resolution U-Net.
 
     Call: ``apply(variables, x [B,H,W,C], t [B], text_embeds [B,L,D], text_mask bool [B,L],
     lowres [B,h,w,C] (noise-augmented by the caller), aug_level [B], train=False)
     -> [B, H, W, out_channels]``. H and W must be divisible by 2**len(blocks).
+
+    The defaults are the paper's 64->256 model (gin_configs/models/sr256_600m.gin); the fields
+    shared with `BaseUNet` (text conditioning, dtypes, remat, ...) are `UNet`'s.
     """
 
     # (channels, residual blocks) per DBlock/UBlock, highest resolution first (App. F.2).
@@ -51,82 +44,61 @@ class EfficientUNet(nn.Module):
     # One attention layer after every residual block of an attention block (True) or one per
     # block (False): the paper does not say; see README.md (U-Nets) for the parameter counts.
     attn_every_res_block: bool = True
-    # Fig. A.27 draws a 1x1 shortcut conv in every ResNetBlock; the presets keep the identity
-    # where widths match (see README.md (U-Nets): with it the 1024 stage is 0.46 B, not 0.4 B).
+    # Fig. A.27 draws a 1x1 shortcut conv in every ResNetBlock; the paper configs keep the
+    # identity where widths match (see README.md (U-Nets): with it the 1024 stage is 0.46 B,
+    # not 0.4 B).
     conv_shortcut: bool = False
     num_heads: int = 8  # App. B.1: 8 heads
     attn_hidden_mult: int = 2  # App. B.1: hidden width 2x channels
     embed_dim: int = 512
     sinusoid_dim: int = 256
-    text_embed_dim: int = 4096  # T5-XXL
-    text_cond_dim: int = 1024
-    attn_pool: bool = True
-    attn_pool_heads: int = 8
-    out_channels: int = 3
     skip_scale: float = 1 / math.sqrt(2)  # App. B.1
     resize_method: str = "bilinear"
-    dropout: float = 0.0
-    num_groups: int = 32
-    remat: bool = False
-    attention_impl: str | None = None
-    dtype: Any = "float32"
-    param_dtype: Any = "float32"
+
+    super_res = True
+
+    @nn.nowrap
+    def check_image_size(self, x: Array) -> None:
+        num_levels = len(self.blocks)
+        factor = 2**num_levels
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"{type(self).__name__}: x's height and width must be divisible by "
+                             f"{factor} ({num_levels} stride-2 blocks), got {x.shape}; crop or "
+                             "pad")
 
     @nn.compact
     def __call__(self, x: Array, t: Array, text_embeds: Array, text_mask: Array,
                  lowres: Array | None = None, aug_level: Array | None = None,
                  train: bool = False) -> Array:
-        name = type(self).__name__
+        self.check_inputs(x, t, text_embeds, text_mask, lowres, aug_level)
         b, height, width, _ = x.shape
         num_levels = len(self.blocks)
-        factor = 2**num_levels
-        if height % factor or width % factor:
-            raise ValueError(f"{name}: x's height and width must be divisible by {factor} "
-                             f"({num_levels} stride-2 blocks), got {x.shape}; crop or pad")
-        if lowres is None or lowres.ndim != 4 or lowres.shape[0] != b:
-            raise ValueError(f"{name} is a super-resolution model: pass lowres [B={b}, h, w, C] "
-                             f"(the noise-augmented low-resolution image), got "
-                             f"{None if lowres is None else lowres.shape}")
-        check_time(t, b, "t", name)
-        check_time(aug_level, b, "aug_level", name)
-        check_text_inputs(text_embeds, text_mask, b, self.text_embed_dim, name)
-
-        dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        kw = self.dtypes()
         self_attn = as_tuple(self.self_attention, num_levels, "self_attention")
         cross_attn = as_tuple(self.cross_attention, num_levels, "cross_attention")
-        res_block = nn.remat(ResBlock) if self.remat else ResBlock
-        attn_block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
 
-        emb, text_tokens = Conditioning(
-            self.embed_dim, self.sinusoid_dim, self.text_cond_dim, self.attn_pool,
-            self.attn_pool_heads, use_aug_level=True, name="cond", **kw)(t, text_embeds,
-                                                                        text_mask, aug_level)
+        emb, text_tokens = self.conditioning(self.embed_dim, self.sinusoid_dim, t, text_embeds,
+                                             text_mask, aug_level)
 
         def stage(h: Array, level: int, prefix: str) -> Array:
             """The residual blocks (+ attention) shared by a DBlock and a UBlock."""
             ch, num_blocks = self.blocks[level]
             use_attn = self_attn[level] or cross_attn[level]
             for i in range(num_blocks):
-                h = res_block(ch, conv_shortcut=self.conv_shortcut, dropout=self.dropout,
-                              deterministic=not train, num_groups=self.num_groups,
-                              name=f"{prefix}_{level}_res_{i}", **kw)(h)
+                h = self.res_block(ch, f"{prefix}_{level}_res_{i}", train,
+                                   conv_shortcut=self.conv_shortcut)(h)
                 if use_attn and (self.attn_every_res_block or i == num_blocks - 1):
-                    h = attn_block(num_heads=self.num_heads, head_dim=None,
-                                   hidden_mult=self.attn_hidden_mult,
-                                   self_attention=self_attn[level],
-                                   cross_attention=cross_attn[level], num_groups=self.num_groups,
-                                   implementation=self.attention_impl,
-                                   name=f"{prefix}_{level}_attn_{i}", **kw)(h, text_tokens,
-                                                                           text_mask)
+                    h = self.attention_block(
+                        f"{prefix}_{level}_attn_{i}", num_heads=self.num_heads, head_dim=None,
+                        hidden_mult=self.attn_hidden_mult, self_attention=self_attn[level],
+                        cross_attention=cross_attn[level])(h, text_tokens, text_mask)
             return h
 
         # The low-resolution conditioning image, resized to x's size and concatenated.
         lowres_up = jax.image.resize(lowres.astype(jnp.float32),
                                      (b, height, width, lowres.shape[-1]), self.resize_method)
-        h = jnp.concatenate([x.astype(jnp.float32), lowres_up], axis=-1).astype(dtype)
-        h = Conv(self.stem_channels, 3, channel_axes=(None, "conv_out"), name="conv_in",
-                 **kw)(constrain_image(h))
+        h = self.stem(jnp.concatenate([x.astype(jnp.float32), lowres_up], axis=-1),
+                      self.stem_channels)
         stem = h
 
         skips = []
@@ -147,8 +119,4 @@ class EfficientUNet(nn.Module):
             out_ch = self.blocks[level - 1][0] if level else self.stem_channels
             h = Conv(out_ch, 3, name=f"up_{level}_upsample", **kw)(upsample_nearest(h))
 
-        h = jnp.concatenate([h, stem * self.skip_scale], axis=-1)
-        h = nn.swish(GroupNorm(self.num_groups, param_dtype, name="norm_out")(h))
-        out = Conv(self.out_channels, 3, zero_init=True,
-                   channel_axes=("conv_in", None), name="conv_out", **kw)(h)
-        return constrain_image(out.astype(jnp.float32))
+        return self.head(jnp.concatenate([h, stem * self.skip_scale], axis=-1))

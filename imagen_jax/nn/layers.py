@@ -102,6 +102,19 @@ def _subtract_group_mean(x: Array, groups: int) -> Array:
     return (xg - jnp.mean(xg, axis=(1, 3), keepdims=True)).reshape(shape)
 
 
+def _norm_kwargs(param_dtype: Dtype) -> dict[str, Any]:
+    """The settings flax's GroupNorm and LayerNorm share here: float32 statistics, the exact
+    (two-pass) variance, ``("norm",)`` logical axes on scale and bias, submodule name ``norm``."""
+    return dict(
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name="norm",
+    )
+
+
 class GroupNorm(nn.Module):
     """GroupNorm computed in float32 (two-pass variance on mean-shifted data), cast back.
 
@@ -117,15 +130,8 @@ class GroupNorm(nn.Module):
         channels = x.shape[-1]
         # Narrow layers (tiny CPU configs) cannot have 32 groups: use the largest divisor.
         groups = math.gcd(self.num_groups, channels)
-        y = nn.GroupNorm(
-            num_groups=groups,
-            dtype=jnp.float32,
-            param_dtype=self.param_dtype,
-            use_fast_variance=False,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-            name="norm",
-        )(_subtract_group_mean(x.astype(jnp.float32), groups))
+        y = nn.GroupNorm(num_groups=groups, **_norm_kwargs(self.param_dtype))(
+            _subtract_group_mean(x.astype(jnp.float32), groups))
         return y.astype(x.dtype)
 
 
@@ -138,14 +144,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
-        y = nn.LayerNorm(
-            dtype=jnp.float32,
-            param_dtype=self.param_dtype,
-            use_fast_variance=False,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-            name="norm",
-        )(x32 - jnp.mean(x32, axis=-1, keepdims=True))
+        y = nn.LayerNorm(**_norm_kwargs(self.param_dtype))(
+            x32 - jnp.mean(x32, axis=-1, keepdims=True))
         return y.astype(x.dtype)
 
 
@@ -178,8 +178,8 @@ def downsample_avg(x: Array, factor: int = 2) -> Array:
 class EmbeddingMLP(nn.Module):
     """Sinusoidal features of a [B] scalar -> 2-layer swish MLP -> [B, embed_dim]."""
 
-    embed_dim: int
-    sinusoid_dim: int
+    embed_dim: int  # E: width of the hidden layer and of the output
+    sinusoid_dim: int  # width of the sinusoidal features of t (even)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -102,12 +102,21 @@ class RelativePositionBias(nn.Module):
         return bias[None]
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention without biases or score scaling; heads*kv may differ from D."""
+class T5Module(nn.Module):
+    """What every part of the encoder stack holds: the architecture (``config``), the matmul /
+    residual ``dtype`` and the storage ``param_dtype`` of the weights."""
 
     config: T5Config
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+
+    def dtypes(self) -> dict[str, jnp.dtype]:
+        """This module's dtypes as keyword arguments, for its sub-modules."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class SelfAttention(T5Module):
+    """Multi-head self-attention without biases or score scaling; heads*kv may differ from D."""
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
@@ -138,12 +147,8 @@ class SelfAttention(nn.Module):
         return jnp.einsum("bqhk,hkd->bqd", ctx, out_kernel.astype(self.dtype))
 
 
-class FeedForward(nn.Module):
+class FeedForward(T5Module):
     """``act(x wi) wo`` (v1.0) or ``(act(x wi_0) * x wi_1) wo`` (v1.1, gated)."""
-
-    config: T5Config
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -163,17 +168,13 @@ class FeedForward(nn.Module):
         return hidden @ kernel("wo", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(T5Module):
     """Pre-norm residual block: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x))."""
-
-    config: T5Config
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.dtypes()
         y = RMSNorm(cfg.layer_norm_epsilon, name="pre_attention_layer_norm", **kw)(x)
         x = x + SelfAttention(cfg, name="attention", **kw)(y, bias)
         y = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **kw)(x)
@@ -181,21 +182,17 @@ class EncoderLayer(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
-class T5Encoder(nn.Module):
+class T5Encoder(T5Module):
     """T5 encoder stack: token ids int32 [B, L] + mask bool [B, L] -> float32 [B, L, D].
 
     ``dtype`` is the matmul / residual dtype; ``param_dtype`` the storage dtype of the weights.
     Positions where ``mask`` is False are zeroed in the output (they are padding).
     """
 
-    config: T5Config
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
     @nn.compact
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.dtypes()
         embedding = self.param(
             "token_embedder",
             nn.with_logical_partitioning(_normal(1.0), ("vocab", "embed")),

@@ -155,7 +155,7 @@ def make_loss_fn(stage: Stage, config: StepConfig) -> Callable[..., tuple[jax.Ar
         kwargs = {}
         if stage.is_super_res:
             kwargs = {"lowres": mb["lowres"], "aug_level": mb["aug_level"]}
-        # Mixed precision is the model's business (`<preset>.dtype = "bfloat16"` in gin): params
+        # Mixed precision is the model's business (`BaseUNet.dtype = "bfloat16"` in gin): params
         # arrive float32 and the model casts them for compute; the loss is taken in float32.
         pred = model.apply(
             {"params": params}, mb["x_t"], mb["t"], mb["text_embeds"], mb["text_mask"],

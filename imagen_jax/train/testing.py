@@ -1,13 +1,17 @@
-"""A deterministic in-memory data source for trainer tests, benchmarks and multi-host checks.
+"""Test helpers: a deterministic in-memory data source, and tiny U-Nets and stages.
 
 `synthetic_data` is a valid `train.data_fn`: batch `i` of host `h` is a pure function of
 (seed, h, i), and the iterator state is `{"index": i}`, so it resumes exactly like the grain
 pipeline does. Images are smooth random colour fields in [-1, 1]; text embeddings are random with
 a random number of real tokens.
+
+`tiny_base` / `tiny_sr` build the CPU-sized U-Nets of gin_configs/tiny/models/*.gin in Python
+(tests/test_unet.py checks that they equal the gin-built ones).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -15,8 +19,38 @@ from typing import Any
 import gin
 import numpy as np
 
-from imagen_jax.nn import presets
+from imagen_jax.nn import BaseUNet, EfficientUNet
 from imagen_jax.stage import Stage
+
+# The fields gin_configs/tiny/models/*.gin bind (at their RESOLUTION 16 and TEXT_EMBED_DIM 32).
+TINY_BASE = dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                 head_dim=16, num_groups=8, text_embed_dim=32, text_cond_dim=32, image_size=16,
+                 attn_pool_heads=4)
+TINY_SR = dict(blocks=((16, 1), (32, 2)), stem_channels=16, self_attention=(False, True),
+               cross_attention=(False, True), num_heads=4, num_groups=8, text_embed_dim=32,
+               text_cond_dim=32, embed_dim=64, sinusoid_dim=32, attn_pool_heads=4)
+
+
+def tiny_base(**fields: Any) -> BaseUNet:
+    """The tiny base U-Net (~0.85 M parameters, 16 px), any `BaseUNet` field overridden."""
+    return BaseUNet(**{**TINY_BASE, **fields})
+
+
+def tiny_sr(**fields: Any) -> EfficientUNet:
+    """The tiny Efficient U-Net (~0.19 M parameters), any `EfficientUNet` field overridden."""
+    return EfficientUNet(**{**TINY_SR, **fields})
+
+
+def gin_model_bindings(model: Any) -> str:
+    """Gin text that builds ``model`` as the stage's model: ``Stage.model = @BaseUNet()`` and a
+    ``BaseUNet.<field> = <value>`` line for every field, for tests that write a stage's gin
+    config. Field values must be gin literals (numbers, strings, None, tuples): give dtypes as
+    strings ("float32"), as the tiny constructors do."""
+    name = type(model).__name__
+    lines = [f"Stage.model = @{name}()"]
+    lines += [f"{name}.{f.name} = {getattr(model, f.name)!r}" for f in dataclasses.fields(model)
+              if f.init and f.name not in ("parent", "name")]
+    return "\n".join(lines) + "\n"
 
 
 class SyntheticIterator(Iterator[dict[str, np.ndarray]]):
@@ -96,15 +130,15 @@ def tiny_test_stage(super_res: bool = False) -> Any:
     it still has every logical axis the rule sets shard (conv, embed, heads, mlp)."""
 
     if super_res:
-        model = presets.tiny_sr(blocks=((8, 1), (8, 1)), stem_channels=8, num_heads=2,
-                                text_embed_dim=16, text_cond_dim=16, embed_dim=16,
-                                sinusoid_dim=16, num_groups=4)
+        model = tiny_sr(blocks=((8, 1), (8, 1)), stem_channels=8, num_heads=2,
+                        text_embed_dim=16, text_cond_dim=16, embed_dim=16, sinusoid_dim=16,
+                        num_groups=4)
         return Stage(model=model, resolution=16, lowres_resolution=8, text_length=4,
                      text_embed_dim=16, cond_drop_prob=0.1)
     # 16 channels / head_dim 8 = 2 heads, so `heads` divides a tensor axis of 2.
-    model = presets.tiny_base(channels=16, channel_mult=(1,), num_res_blocks=1,
-                              attn_resolutions=(8,), head_dim=8, text_embed_dim=16,
-                              text_cond_dim=16, image_size=8, num_groups=4)
+    model = tiny_base(channels=16, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(8,),
+                      head_dim=8, text_embed_dim=16, text_cond_dim=16, image_size=8,
+                      num_groups=4)
     return Stage(model=model, resolution=8, text_length=4, text_embed_dim=16)
 
 
