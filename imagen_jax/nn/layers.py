@@ -11,7 +11,7 @@ when a group's mean is large against its spread (x = 100 + 0.01 N(0, 1) gave std
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +21,8 @@ import jax.numpy as jnp
 Dtype = Any
 Array = jax.Array
 
+# flax's default GroupNorm / LayerNorm epsilon, kept by our U-Nets (DeepFloyd IF's use 1e-5).
+NORM_EPSILON = 1e-6
 # Activation layout used for logical sharding constraints on feature maps.
 IMAGE_AXES = ("batch", "height", "width", "channels")
 
@@ -102,10 +104,11 @@ def _subtract_group_mean(x: Array, groups: int) -> Array:
     return (xg - jnp.mean(xg, axis=(1, 3), keepdims=True)).reshape(shape)
 
 
-def _norm_kwargs(param_dtype: Dtype) -> dict[str, Any]:
+def _norm_kwargs(param_dtype: Dtype, epsilon: float) -> dict[str, Any]:
     """The settings flax's GroupNorm and LayerNorm share here: float32 statistics, the exact
     (two-pass) variance, ``("norm",)`` logical axes on scale and bias, submodule name ``norm``."""
     return dict(
+        epsilon=epsilon,
         dtype=jnp.float32,
         param_dtype=param_dtype,
         use_fast_variance=False,
@@ -124,13 +127,14 @@ class GroupNorm(nn.Module):
 
     num_groups: int = 32
     param_dtype: Dtype = jnp.float32
+    epsilon: float = NORM_EPSILON
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         channels = x.shape[-1]
         # Narrow layers (tiny CPU configs) cannot have 32 groups: use the largest divisor.
         groups = math.gcd(self.num_groups, channels)
-        y = nn.GroupNorm(num_groups=groups, **_norm_kwargs(self.param_dtype))(
+        y = nn.GroupNorm(num_groups=groups, **_norm_kwargs(self.param_dtype, self.epsilon))(
             _subtract_group_mean(x.astype(jnp.float32), groups))
         return y.astype(x.dtype)
 
@@ -140,11 +144,12 @@ class LayerNorm(nn.Module):
     back to the input dtype (used on text tokens). x: [..., D] -> same shape and dtype."""
 
     param_dtype: Dtype = jnp.float32
+    epsilon: float = NORM_EPSILON
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
-        y = nn.LayerNorm(**_norm_kwargs(self.param_dtype))(
+        y = nn.LayerNorm(**_norm_kwargs(self.param_dtype, self.epsilon))(
             x32 - jnp.mean(x32, axis=-1, keepdims=True))
         return y.astype(x.dtype)
 
@@ -176,19 +181,25 @@ def downsample_avg(x: Array, factor: int = 2) -> Array:
 
 
 class EmbeddingMLP(nn.Module):
-    """Sinusoidal features of a [B] scalar -> 2-layer swish MLP -> [B, embed_dim]."""
+    """Sinusoidal features of a [B] scalar -> 2-layer MLP (swish by default) -> [B, embed_dim].
+
+    ``time_scale`` is `sinusoidal_embedding`'s ``scale``: 1000 for t in [0, 1] (our models), 1
+    for integer timesteps (DeepFloyd IF, whose MLP uses exact GELU).
+    """
 
     embed_dim: int  # E: width of the hidden layer and of the output
     sinusoid_dim: int  # width of the sinusoidal features of t (even)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    time_scale: float = 1000.0
+    activation: Callable[[Array], Array] = nn.swish
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
-        h = sinusoidal_embedding(t, self.sinusoid_dim).astype(self.dtype)
+        h = sinusoidal_embedding(t, self.sinusoid_dim, scale=self.time_scale).astype(self.dtype)
         h = dense(self.embed_dim, (None, "embed"), name="dense_0", dtype=self.dtype,
                   param_dtype=self.param_dtype)(h)
-        h = nn.swish(h)
+        h = self.activation(h)
         return dense(self.embed_dim, ("embed", "mlp"), name="dense_1", dtype=self.dtype,
                      param_dtype=self.param_dtype)(h)
 
