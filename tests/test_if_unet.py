@@ -21,10 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from imagen_jax import partitioning
 from imagen_jax.errors import CheckpointError, ConfigError
 from imagen_jax.nn.if_config import IFUNetConfig, read_if_config
 from imagen_jax.nn.if_unet import IFUNet
-from imagen_jax.nn.if_weights import DiffusersUNetDir, key_map, load_if_unet
+from imagen_jax.nn.if_weights import (
+    DiffusersUNetDir,
+    abstract_if_params,
+    key_map,
+    load_if_unet,
+)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -61,16 +67,19 @@ STAGE_II = dict(  # IF-II-L's options at toy widths
 )
 
 
-def _save_reference(config: dict, path: str, seed: int, shard: str | None = None):
-    """A perturbed diffusers U-Net saved to ``path``; returns the torch module."""
+def _save_reference(config: dict, path: str, seed: int, shard: str | None = None,
+                    variant: str | None = None):
+    """A perturbed diffusers U-Net saved to ``path`` (as float16 for ``variant="fp16"``);
+    returns the torch module."""
     torch.manual_seed(seed)
     model = diffusers.UNet2DConditionModel(**config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(PERTURBATION * torch.randn_like(p))
     kwargs = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(path, safe_serialization=True, **kwargs)
-    return model
+    saved = model.half() if variant == "fp16" else model
+    saved.save_pretrained(path, safe_serialization=True, variant=variant, **kwargs)
+    return saved
 
 
 def _inputs(config: dict, seed: int):
@@ -97,12 +106,14 @@ def _torch_forward(model, x, t, text, lowres, level) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name,config,shard", [("stage_I", STAGE_I, None),
-                                               ("stage_II", STAGE_II, "200KB")])
+                                               ("stage_II", STAGE_II, "500KB")])
 def test_forward_matches_diffusers(tmp_path, name, config, shard):
     path = str(tmp_path / name)
     model = _save_reference(config, path, seed=0, shard=shard)
     if shard:
-        assert os.path.exists(os.path.join(path, "diffusion_pytorch_model.safetensors.index.json"))
+        index = os.path.join(path, "diffusion_pytorch_model.safetensors.index.json")
+        with open(index) as f:
+            assert len(set(json.load(f)["weight_map"].values())) > 1
     source = DiffusersUNetDir(path)
     cfg, params = load_if_unet(source)
     assert set(source.reads) == source.keys() and set(source.reads.values()) == {1}
@@ -188,3 +199,22 @@ def test_stage_ii_needs_its_low_res_input(saved_stage_i):
     with pytest.raises(ValueError, match="lowres"):
         IFUNet(cfg).init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32),
                          jnp.zeros((1, 2, 24)))
+
+
+def test_loads_into_shards_and_reads_the_fp16_variant(tmp_path):
+    """Each tensor is placed straight into its mesh shards (FSDP rules); a directory holding
+    only ``diffusion_pytorch_model.fp16.safetensors`` loads, cast to the parameter dtype."""
+    path = str(tmp_path / "fp16")
+    model = _save_reference(STAGE_I, path, seed=3, variant="fp16")
+    assert sorted(os.listdir(path)) == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    cfg = read_if_config(path)
+    mesh = partitioning.make_mesh(data=2, fsdp=4)
+    shardings = partitioning.logical_to_shardings(
+        partitioning.logical_specs(abstract_if_params(cfg)), mesh, partitioning.FSDP_RULES)
+    _, params = load_if_unet(path, shardings=shardings)
+    kernel = params["down_1_attn_0"]["text_key"]["kernel"]  # [D, heads, head_dim]
+    assert kernel.dtype == jnp.float32
+    assert kernel.sharding == shardings["down_1_attn_0"]["text_key"]["kernel"]
+    assert not kernel.sharding.is_fully_replicated
+    want = model.down_blocks[1].attentions[0].add_k_proj.weight.detach().float().numpy()
+    np.testing.assert_array_equal(np.asarray(kernel).reshape(want.shape[1], -1), want.T)

@@ -116,10 +116,10 @@ class AddedKVAttention(nn.Module):
     """
 
     head_dim: int
+    implementation: str | None = None  # `jax.nn.dot_product_attention` implementation
     only_cross_attention: bool = False
     cross_norm: bool = True
     num_groups: int = 32
-    implementation: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -161,7 +161,7 @@ class TextPool(nn.Module):
     """
 
     out_dim: int
-    num_heads: int
+    num_heads: int = 64  # diffusers' addition_embed_type_num_heads default (IF: 64)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -280,8 +280,8 @@ class IFUNet(nn.Module):
 
         def attention(h: Array, name: str, only_cross: bool) -> Array:
             cls = _REMAT_ATTENTION if self.remat else AddedKVAttention
-            return cls(cfg.attention_head_dim, only_cross, cfg.cross_attention_norm,
-                       cfg.norm_num_groups, self.attention_impl, name=name, **kw)(h, text)
+            return cls(cfg.attention_head_dim, self.attention_impl, only_cross,
+                       cfg.cross_attention_norm, cfg.norm_num_groups, name=name, **kw)(h, text)
 
         h = x if lowres is None else jnp.concatenate([x, lowres.astype(x.dtype)], axis=-1)
         h = constrain_image(h.astype(kw["dtype"]))

@@ -182,7 +182,11 @@ class DiffusersUNetDir:
             raise CheckpointError(f"{self.path}: tensor {key!r} missing from the safetensors "
                                   "files")
         self.reads[key] = self.reads.get(key, 0) + 1
-        return self._handle(self._key_to_file[key]).get_tensor(key)
+        try:
+            return self._handle(self._key_to_file[key]).get_tensor(key)
+        except TypeError as e:  # safetensors' numpy backend reads F16/F32, not BF16
+            raise CheckpointError(f"{self.path}: tensor {key!r} has a dtype numpy cannot read "
+                                  f"({e}); save the U-Net in float16 or float32") from e
 
 
 def key_map(config: IFUNetConfig) -> tuple[dict[str, str], dict[str, Any]]:
