@@ -200,18 +200,20 @@ def key_map(config: IFUNetConfig) -> tuple[dict[str, str], dict[str, Any]]:
 
 
 def check_keys(source: DiffusersUNetDir, names: dict[str, str]) -> None:
-    """CheckpointError (one line, naming the first such key) unless the files hold exactly the
-    keys ``names`` maps to: an unknown key (renamed, or from another architecture) or a missing
-    one."""
+    """CheckpointError (one line, naming the first of each) unless the files hold exactly the
+    keys ``names`` maps to: unknown keys (renamed, or from another architecture) and missing
+    ones (a renamed key is both)."""
     wanted = set(names.values())
+    problems = []
     unknown = sorted(source.keys() - wanted)
     if unknown:
-        raise CheckpointError(f"{source.path}: unknown tensor {unknown[0]!r} ({len(unknown)} "
-                              "unknown in all); the config does not describe these weights")
+        problems.append(f"unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all)")
     missing = sorted(wanted - source.keys())
     if missing:
-        raise CheckpointError(f"{source.path}: tensor {missing[0]!r} missing from the "
-                              f"safetensors files ({len(missing)} missing in all)")
+        problems.append(f"tensor {missing[0]!r} missing ({len(missing)} missing in all)")
+    if problems:
+        raise CheckpointError(f"{source.path}: {'; '.join(problems)}; its config.json does not "
+                              "describe these weights")
 
 
 def load_if_unet(
