@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -71,9 +72,15 @@ def read_rgb(source: str | bytes | os.PathLike, what: str | None = None) -> np.n
         return pil_to_rgb(im, what)
 
 
-def uint8_to_unit(pixels: np.ndarray) -> np.ndarray:
-    """uint8 pixels [0, 255] (any shape) -> float32 in [-1, 1], the models' convention."""
-    return np.asarray(pixels, np.float32) / 127.5 - 1.0
+def uint8_to_unit(pixels: Any) -> Any:
+    """uint8 pixels [0, 255] (any shape) -> float32 in [-1, 1], the models' convention.
+
+    A numpy or jax array keeps its kind (a jax array may be traced: the inception network
+    converts inside its compiled program); anything else (lists) becomes a numpy array.
+    """
+    if not hasattr(pixels, "astype"):
+        pixels = np.asarray(pixels)
+    return pixels.astype(np.float32) / 127.5 - 1.0
 
 
 def unit_to_uint8(x: np.ndarray) -> np.ndarray:

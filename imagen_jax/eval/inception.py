@@ -29,6 +29,7 @@ from flax.core import freeze
 from jax.sharding import Mesh
 
 from imagen_jax import partitioning
+from imagen_jax.data.images import uint8_to_unit
 from imagen_jax.eval.weights import load_state_dict
 
 INCEPTION_RESOLUTION = 299  # The TF FID graph's input size.
@@ -246,7 +247,7 @@ def preprocess(images: jax.Array, size: int = INCEPTION_RESOLUTION) -> jax.Array
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"Inception input must be [B, H, W, 3], got shape {images.shape}")
     if images.dtype == jnp.uint8:
-        x = images.astype(jnp.float32) / 127.5 - 1.0
+        x = uint8_to_unit(images)
     else:
         x = images.astype(jnp.float32)
     h, w = images.shape[1:3]
