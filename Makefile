@@ -16,7 +16,7 @@ $(PY):
 
 # Stamps record which extras are installed; they are redone when setup.py changes.
 $(VENV)/.setup-core: setup.py | $(PY)
-	$(PIP) install -q -e ".[data]"
+	$(PIP) install -q -e .
 	touch $@
 
 $(VENV)/.setup-test: setup.py | $(PY)
