@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import os
 
+import diffusers  # test-extra reference: plainly imported, a broken install fails, not skips
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from imagen_jax import partitioning
 from imagen_jax.errors import CheckpointError, ConfigError
@@ -31,9 +33,6 @@ from imagen_jax.nn.if_weights import (
     key_map,
     load_if_unet,
 )
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 TOLERANCE = 1e-4
 PERTURBATION = 0.05  # std of the noise added to every parameter (moves it off its init)
