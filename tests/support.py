@@ -8,6 +8,7 @@ imagen_jax (the input pipeline lazily), so a child process started with ``PYTHON
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +32,26 @@ def subprocess_env(num_devices: int = 8) -> dict[str, str]:
         JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3",
     )
     return env
+
+
+def sampling_loops(stablehlo: str) -> int:
+    """While loops of a lowered program outside jax's PRNG helpers (threefry lowers its rounds to
+    a loop on CPU): one per sampling loop (the cascade tests)."""
+    funcs = re.split(r"(?=func\.func )", stablehlo)
+    return sum(len(re.findall(r"stablehlo\.while", f)) for f in funcs
+               if not re.match(r"func\.func (private |public )?@_?threefry", f))
+
+
+def check_one_program(lowered: str, compiled: str, num_stages: int) -> None:
+    """Asserts that a cascade's lowered (StableHLO) and compiled (HLO) texts are one program with
+    one sampling loop per stage and no host round-trip."""
+    assert sampling_loops(lowered) == num_stages, "expected one sampling loop per stage"
+    # A host round-trip would show up as a callback custom-call, infeed/outfeed or send/recv.
+    for op in ("callback", "infeed", "outfeed", "stablehlo.send", "stablehlo.recv"):
+        assert op not in lowered, f"{op} in the cascade program"
+    assert "callback" not in compiled
+    # One executable: the stages are not separate programs glued together by the host.
+    assert compiled.count("\nENTRY ") == 1
 
 
 class CharTokenizer:

@@ -18,6 +18,7 @@ from imagen_jax import cascade, partitioning
 from imagen_jax.errors import ConfigError
 from imagen_jax.stage import Stage
 from imagen_jax.train.testing import tiny_base, tiny_sr
+from tests.support import check_one_program, sampling_loops
 
 EMBED_DIM = 16
 TEXT_LEN = 6
@@ -69,29 +70,14 @@ def _compiled(c, batch=8):
                      text_length=TEXT_LEN)
 
 
-def _sampling_loops(stablehlo: str) -> int:
-    """While loops outside jax's PRNG helpers (threefry lowers its rounds to a loop on CPU)."""
-    funcs = re.split(r"(?=func\.func )", stablehlo)
-    return sum(_count(r"stablehlo\.while", f) for f in funcs
-               if not re.match(r"func\.func (private |public )?@_?threefry", f))
-
-
 def test_one_loop_per_stage_no_host_round_trips(tiny_cascade):
-    text = tiny_cascade.lower(8).as_text()
-    assert _sampling_loops(text) == 3, "expected one sampling loop per stage"
-    # A host round-trip would show up as a callback custom-call, infeed/outfeed or send/recv.
-    for op in ("callback", "infeed", "outfeed", "stablehlo.send", "stablehlo.recv"):
-        assert op not in text, f"{op} in the cascade program"
-    compiled_text = _compiled(tiny_cascade).as_text()
-    assert "callback" not in compiled_text
-    # One executable: the stages are not separate programs glued together by the host.
-    assert compiled_text.count("\nENTRY ") == 1
+    check_one_program(tiny_cascade.lower(8).as_text(), _compiled(tiny_cascade).as_text(), 3)
 
 
 def test_progress_adds_callbacks_only_when_asked(tiny_cascade):
     text = tiny_cascade.lower(8, progress=True).as_text()
     assert "callback" in text
-    assert _sampling_loops(text) == 3
+    assert sampling_loops(text) == 3
 
 
 def _op_count(text):

@@ -73,6 +73,7 @@ def sample_cascade(
     first_stage_index: int = 0,
     on_step: Callable[[int, jax.Array], None] | None = None,
     return_finite: bool = False,
+    null_embeds: jax.Array | None = None,
 ) -> tuple[jax.Array, ...] | tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """Runs ``stages`` in order; returns every stage's images (float32 [B, R_i, R_i, 3]).
 
@@ -80,6 +81,8 @@ def sample_cascade(
     ``first_stage_index`` is the position of ``stages[0]`` in the full cascade: stage i draws
     its randomness from ``fold_in(rng, i)`` whichever slice runs it. With ``return_finite``
     returns (images, finite) where finite[i] is stage i's bool [B] (see ``sample_stage``).
+    ``null_embeds`` (the encoded empty prompt, [L, D]) is the unconditional condition of the
+    discrete (DeepFloyd IF) stages; the others ignore it.
     """
     outputs, finite = [], []
     images = lowres
@@ -95,6 +98,7 @@ def sample_cascade(
             lowres=images if stage.is_super_res else None,
             on_step=step_cb,
             return_finite=True,
+            null_embeds=null_embeds,
         )
         outputs.append(images)
         finite.append(ok)

@@ -100,6 +100,10 @@ class Cascade:
     Build with ``Cascade(stages, params, text_encoder=...)`` (random or in-memory parameters) or
     ``Cascade.from_checkpoints(stage_dirs, t5=...)``. ``sample(prompts, seed)`` returns uint8
     images of every stage that ran.
+
+    Discrete (DeepFloyd IF) stages are guided towards their unconditional condition, the encoded
+    EMPTY prompt: ``null_embeds`` float [L, D], computed with ``text_encoder`` when not given
+    (without either, such a stage can only run unguided).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class Cascade:
         rules: partitioning.LogicalRules | None = None,
         embed_dim: int | None = None,
         max_batch: int | None = None,
+        null_embeds: np.ndarray | jax.Array | None = None,
     ):
         stages = list(stages)
         if len(params) != len(stages):
@@ -132,6 +137,12 @@ class Cascade:
                 f"trained on {stages[0].text_embed_dim}-dim ones; load their T5"
             )
         self.params = [self._shard_params(s, p) for s, p in zip(stages, params)]
+        if null_embeds is None and text_encoder is not None and any(
+                s.is_discrete for s in stages):
+            null_embeds = text_encoder([""])[0][0]
+        # An argument of the program (replicated), not a constant; None when no stage reads it.
+        self.null_embeds = None if null_embeds is None else jax.device_put(
+            jnp.asarray(null_embeds, jnp.float32), partitioning.replicated(self.mesh))
         self.max_batch = max_batch
         if max_batch is not None and max_batch % self.batch_multiple:
             raise CascadeError(
@@ -186,12 +197,13 @@ class Cascade:
     ) -> Callable[..., tuple[jax.Array, ...]]:
         """The jitted cascade for ``stages[start:stop]``.
 
-        Signature: ``fn(params, text_params, text, text_mask, rng, lowres)`` where ``text`` is
-        int32 token ids [B, L] when ``encode`` (T5 runs inside the program) else float
-        embeddings [B, L, D]; ``text_params`` is None without encoding; ``lowres`` is None unless
-        ``stages[start]`` is an SR stage. Returns each stage's float images [B, R_i, R_i, 3],
-        then each stage's bool [B] "this image came out finite" (``sample_stage``), all sharded
-        over the batch: ``Cascade.sample`` checks the flags on the host.
+        Signature: ``fn(params, text_params, text, text_mask, rng, lowres, null_embeds)`` where
+        ``text`` is int32 token ids [B, L] when ``encode`` (T5 runs inside the program) else
+        float embeddings [B, L, D]; ``text_params`` is None without encoding; ``lowres`` is None
+        unless ``stages[start]`` is an SR stage; ``null_embeds`` is ``self.null_embeds``.
+        Returns each stage's float images [B, R_i, R_i, 3], then each stage's bool [B] "this
+        image came out finite" (``sample_stage``), all sharded over the batch: ``Cascade.sample``
+        checks the flags on the host.
         """
         start, stop = self._slice(start, stop)
         key = self._program_key(start, stop, encode, progress)
@@ -209,7 +221,7 @@ class Cascade:
         def on_step(index, t):
             jax.debug.callback(lambda tt: tracker(index, tt), t)
 
-        def cascade_fn(params, text_params, text, text_mask, rng, lowres):
+        def cascade_fn(params, text_params, text, text_mask, rng, lowres, null_embeds):
             if encode:
                 embeds = encode_fn(text_params, text, text_mask)
             else:
@@ -229,6 +241,7 @@ class Cascade:
                 first_stage_index=start,
                 on_step=on_step if progress else None,
                 return_finite=True,
+                null_embeds=null_embeds,
             )
             images = tuple(jax.lax.with_sharding_constraint(o, batch_spec(mesh, 4)) for o in outs)
             return images + tuple(finite)
@@ -253,7 +266,9 @@ class Cascade:
                 f"batch_size {batch_size} is not a multiple of the {self.batch_multiple} batch "
                 "shards of the mesh"
             )
-        length = text_length or getattr(self.text_encoder, "max_length", None) or 16
+        null_length = None if self.null_embeds is None else self.null_embeds.shape[0]
+        length = (text_length or getattr(self.text_encoder, "max_length", None) or null_length
+                  or 16)
         shard = partitioning.batch_sharding
         b = batch_size
         if encode:
@@ -284,14 +299,15 @@ class Cascade:
         """Lowers the program for ``batch_size`` examples (HLO inspection, AOT compilation).
 
         ``batch_size`` must be a multiple of ``batch_multiple``; ``text_length`` defaults to the
-        encoder's ``max_length``.
+        encoder's ``max_length``, else to the length of ``null_embeds``.
         """
         start, stop = self._slice(start, stop)
         fn = self.program(start, stop, encode=encode, progress=progress)
         text, mask, lowres = self._abstract_inputs(batch_size, start, encode, text_length)
         text_params = self._text_params if encode else None
         with _mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
-            return fn.lower(self.params[start:stop], text_params, text, mask, self._rng(0), lowres)
+            return fn.lower(self.params[start:stop], text_params, text, mask, self._rng(0), lowres,
+                            self.null_embeds)
 
     def compile(self, batch_size: int, **kwargs: Any) -> jax.stages.Compiled:
         """The compiled program (cached per slice, batch size, text length and mode)."""
@@ -371,6 +387,10 @@ class Cascade:
             n = text.shape[0]
             prompts = [f"<embedding {i}>" for i in range(n)]
         low = self._check_lowres(lowres, start, n)
+        if self.null_embeds is not None and self.null_embeds.shape[0] != text.shape[1]:
+            raise CascadeError(
+                f"the empty prompt's embeddings have {self.null_embeds.shape[0]} tokens but the "
+                f"prompts' have {text.shape[1]}; encode both to the same length")
 
         # Prompt-major repetition; chunks padded to a multiple of the batch shards.
         text = np.repeat(text, num_per_prompt, axis=0)
@@ -401,7 +421,8 @@ class Cascade:
                 partitioning.replicated(self.mesh),
             )
             with _mesh_context(self.mesh), nn.logical_axis_rules(self.rules):
-                result = compiled(self.params[start:stop], text_params, *args, rng, chunk_low)
+                result = compiled(self.params[start:stop], text_params, *args, rng, chunk_low,
+                                  self.null_embeds)
             result = [np.asarray(o)[: hi - lo] for o in jax.block_until_ready(result)]
             try:
                 self._check_finite(result[num_stages:], start, lo, seed)

@@ -9,6 +9,7 @@ See docs/DESIGN.md for the contracts.
 from imagen_jax.diffusion.analytic import GaussianMixture1D
 from imagen_jax.diffusion.discrete import (
     BETA_SCHEDULES,
+    DISCRETE_SCHEDULE,
     IF_STAGE_I_SAMPLING,
     IF_STAGE_II_SAMPLING,
     DiscreteSchedule,
@@ -72,6 +73,7 @@ from imagen_jax.diffusion.thresholding import (
 __all__ = [
     "BETA_SCHEDULES",
     "DISCRETE_SAMPLERS",
+    "DISCRETE_SCHEDULE",
     "IF_RESPACINGS",
     "IF_STAGE_I_SAMPLING",
     "IF_STAGE_II_SAMPLING",

@@ -51,6 +51,10 @@ ArrayLike = jax.typing.ArrayLike
 DiscreteModelFn = Callable[[Array, Array], Array]
 
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")  # diffusers' names
+# `Stage.schedule` naming a `DiscreteSchedule` (its fields from ``Stage.schedule_kwargs``): a
+# stage sampled by a DISCRETE_SAMPLERS sampler. Not a key of the continuous `SCHEDULES`, whose
+# 'linear' means another (continuous) schedule than the beta schedule of that name.
+DISCRETE_SCHEDULE = "discrete"
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000  # IF, and DDPM (Ho et al. 2020)
 # Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos^2(pi/2 (t + s) / (1 + s)), s = 0.008, with
 # every beta clipped to 0.999 "to prevent singularities at the end of the diffusion process".
