@@ -10,6 +10,10 @@ stage record saved with its checkpoint, ``--gin.`` bindings of ``SamplingConfig`
 (unscoped for every stage, ``stage<i>/`` for stage i).
 ``--start=1`` with ``--lowres=a.png,b.png`` super-resolves your own images (one per prompt).
 
+DeepFloyd IF: ``--stages=if:PATH_I,if:PATH_II --t5=PATH_T5_XXL`` samples IF's stages I and II
+(diffusers model directories, or their unet/ directories, downloaded by the user) with IF's
+sampler settings; a trained SR stage of ours may follow them.
+
 Bad input (an invalid or NaN/Inf sampler setting, a low-res image holding NaN/Inf, a stage whose
 samples come out NaN) ends the run with one line on stderr and exit status 1; no image is written.
 """
@@ -33,7 +37,8 @@ from imagen_jax.train.metrics import image_grid
 from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
-sf.DEFINE_list("stages", [], "Stage workdirs, comma-separated, base first.")
+sf.DEFINE_list("stages", [], "Stage workdirs, comma-separated, base first; if:PATH for a "
+               "DeepFloyd IF U-Net (diffusers directory).")
 sf.DEFINE_string("t5", None, "T5 checkpoint directory (Hugging Face or T5X).")
 sf.DEFINE_string("prompts", None, "A prompt, or a text file with one prompt per line.")
 sf.DEFINE_string("out", None, "Output directory.")

@@ -4,7 +4,8 @@ Tiny random IF-shaped U-Nets (`IFUNet` from diffusers-style configs; random weig
 `Stage`s: the record round-trips the nested `IFUNetConfig`; the cascade is ONE compiled program
 with one sampling loop per stage and no host round-trip (the checks of tests/test_cascade.py);
 its images equal the two stages sampled one after the other with the same random keys; guidance
-reads the encoded empty prompt. 8 simulated CPU devices.
+reads the encoded empty prompt; ``load_cascade`` reads diffusers ``unet/`` directories given as
+``if:PATH`` (torch and diffusers build them). 8 simulated CPU devices.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import pytest
 from imagen_jax import cascade
 from imagen_jax.diffusion import IF_STAGE_I_SAMPLING, IF_STAGE_II_SAMPLING, DiscreteSchedule
 from imagen_jax.errors import ConfigError
-from imagen_jax.nn import IFUNet, IFUNetConfig
+from imagen_jax.nn import IFUNet, IFUNetConfig, load_if_unet
 from imagen_jax.stage import Stage, abstract_params
-from tests.support import check_one_program
+from tests.support import check_one_program, leaves_equal
 
 EMBED_DIM = 16  # T5 width (IF: 4096), projected to CROSS_DIM inside the U-Nets
 CROSS_DIM = 32  # a multiple of the 32 groups of attention's text GroupNorm
@@ -145,3 +146,28 @@ def test_a_guided_if_stage_needs_the_empty_prompt():
     with pytest.raises(cascade.CascadeError, match="encoded empty prompt; pass null_embeds"):
         cascade.sample_stage(base, params, embeds, mask, jax.random.PRNGKey(0))
 
+
+def test_load_cascade_reads_diffusers_if_unets(tmp_path):
+    """``load_cascade(["if:IF_I", "if:IF_II"])`` (``launch.sample --stages=if:...``) reads
+    diffusers model directories saved by ``UNet2DConditionModel.save_pretrained``."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    entries = []
+    for i, config in enumerate((STAGE_I, STAGE_II)):
+        torch.manual_seed(i)
+        model_dir = tmp_path / f"IF-{'I' * (i + 1)}-tiny"
+        diffusers.UNet2DConditionModel(**config).save_pretrained(
+            str(model_dir / "unet"), safe_serialization=True)
+        entries.append(f"{cascade.IF_PREFIX}{model_dir}")
+    loaded = cascade.load_cascade(entries, overrides=[{"num_steps": 2}] * 2)
+    want = if_stages()
+    for stage, expected, params, entry in zip(loaded.stages, want, loaded.params, entries):
+        assert stage.name == entry.rsplit("/", 1)[-1]
+        assert stage.model == expected.model and stage.is_discrete
+        assert (stage.resolution, stage.lowres_resolution) == (
+            expected.resolution, expected.lowres_resolution)
+        assert stage.sampling == expected.sampling.replace(num_steps=2)
+        _, reference = load_if_unet(entry.removeprefix(cascade.IF_PREFIX) + "/unet")
+        leaves_equal(params, reference)
+    with pytest.raises(cascade.CascadeError, match="does not exist"):
+        cascade.load_cascade([f"{cascade.IF_PREFIX}{tmp_path / 'absent'}"])

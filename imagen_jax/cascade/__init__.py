@@ -24,9 +24,11 @@ compiled programs), `loading` (checkpoints -> stages), `params`, `progress`.
 """
 
 from imagen_jax.cascade.loading import (
+    IF_PREFIX,
     SAMPLING_FIELDS,
     gin_sampling_overrides,
     load_cascade,
+    load_if_stage,
     load_stage,
 )
 from imagen_jax.cascade.params import init_params, param_shardings, random_params
@@ -37,6 +39,7 @@ from imagen_jax.errors import CascadeError
 from imagen_jax.stage import Stage, abstract_params, sample_stage
 
 __all__ = [
+    "IF_PREFIX",
     "SAMPLING_FIELDS",
     "Cascade",
     "CascadeError",
@@ -49,6 +52,7 @@ __all__ = [
     "gin_sampling_overrides",
     "init_params",
     "load_cascade",
+    "load_if_stage",
     "load_stage",
     "param_shardings",
     "random_params",

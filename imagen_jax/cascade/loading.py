@@ -1,5 +1,6 @@
-"""Loading trained stages (the trainer's orbax checkpoints and their stage records) onto any
-mesh, and the per-stage sampler overrides bound in gin."""
+"""Loading trained stages (the trainer's orbax checkpoints and their stage records) and
+DeepFloyd IF's published U-Nets (diffusers ``unet/`` directories) onto any mesh, and the
+per-stage sampler overrides bound in gin."""
 
 from __future__ import annotations
 
@@ -11,14 +12,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import gin
+import jax
 from jax.sharding import Mesh
 
 from imagen_jax import partitioning
 from imagen_jax.cascade.params import sharded_abstract_params
 from imagen_jax.cascade.program import check_chain
 from imagen_jax.cascade.runtime import Cascade
-from imagen_jax.diffusion import SamplingConfig, check_sampling_settings
+from imagen_jax.diffusion import (
+    DISCRETE_SCHEDULE,
+    IF_STAGE_I_SAMPLING,
+    IF_STAGE_II_SAMPLING,
+    SamplingConfig,
+    check_sampling_settings,
+)
 from imagen_jax.errors import CascadeError, CheckpointError, ConfigError
+from imagen_jax.nn import IFUNet, load_if_unet
+from imagen_jax.nn.if_weights import DiffusersUNetDir
 from imagen_jax.stage import Stage
 from imagen_jax.text import load_t5
 from imagen_jax.train.checkpoint import Checkpointer
@@ -30,6 +40,12 @@ PyTree = Any
 
 # What a user may override per stage at sampling time: the fields of the stage's SamplingConfig.
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+# A `load_cascade` stage (``--stages=if:PATH``) that is a DeepFloyd IF U-Net in diffusers'
+# layout: PATH is its unet/ directory or the model directory holding one.
+IF_PREFIX = "if:"
+IF_UNET_DIR = "unet"
+IF_TEXT_LENGTH = 77  # IF's prompts: 77 T5-XXL tokens (its pipelines' max_length)
+IF_UPSCALE = 4  # IF-II's default low resolution: its sample_size / 4 (64 -> 256)
 
 
 def gin_sampling_overrides(num_stages: int) -> list[dict[str, Any]]:
@@ -110,6 +126,62 @@ def load_stage(
     return stage, params
 
 
+def load_if_stage(
+    path: str,
+    *,
+    mesh: Mesh,
+    rules: partitioning.LogicalRules,
+    lowres_resolution: int | None = None,
+    name: str | None = None,
+) -> tuple[Stage, PyTree]:
+    """(discrete Stage, float32 params sharded on ``mesh``) of a DeepFloyd IF U-Net.
+
+    ``path`` is a diffusers ``unet/`` directory (config.json + safetensors) or the model
+    directory holding one. Stage I (no noise-level embedding) becomes a base stage at the
+    config's ``sample_size`` sampled with `IF_STAGE_I_SAMPLING`; stage II an SR stage from
+    ``lowres_resolution`` (default ``sample_size / IF_UPSCALE``) with `IF_STAGE_II_SAMPLING`.
+    Both read ``IF_TEXT_LENGTH`` tokens of ``config.text_dim``-wide T5 embeddings (T5-XXL: pass
+    it with ``--t5``) and carry no text fingerprint. Each tensor goes straight into its shard
+    (`load_if_unet`).
+
+    Raises ConfigError for a config this port does not implement, CheckpointError for missing,
+    unknown or mis-shaped tensors (each named).
+    """
+    if os.path.isdir(os.path.join(path, IF_UNET_DIR)):
+        path = os.path.join(path, IF_UNET_DIR)
+    source = DiffusersUNetDir(path)
+    config = source.config
+    super_res = config.noise_level_embed
+    if name is None:  # the directory's name; the model's (IF-I-XL-v1.0) for a unet/ one
+        head, tail = os.path.split(os.path.abspath(path))
+        name = os.path.basename(head) if tail == IF_UNET_DIR else tail
+    stage = Stage(
+        model=IFUNet(config),
+        resolution=config.sample_size,
+        lowres_resolution=(lowres_resolution or config.sample_size // IF_UPSCALE) if super_res
+        else None,
+        text_length=IF_TEXT_LENGTH,
+        text_embed_dim=config.text_dim,
+        schedule=DISCRETE_SCHEDULE,
+        sampling=SamplingConfig(**(IF_STAGE_II_SAMPLING if super_res else IF_STAGE_I_SAMPLING)),
+        name=name,
+    )
+    abstract = sharded_abstract_params(stage, mesh, rules)
+    _, params = load_if_unet(source, shardings=jax.tree.map(lambda x: x.sharding, abstract))
+    return stage, params
+
+
+def _load_any_stage(entry: str, previous: Stage | None, mesh: Mesh,
+                    rules: partitioning.LogicalRules) -> tuple[Stage, PyTree]:
+    """A `load_cascade` entry: ``if:PATH`` (`load_if_stage`, chained to ``previous``) or a
+    trainer workdir (`load_stage`)."""
+    if entry.startswith(IF_PREFIX):
+        low = previous.resolution if previous is not None else None
+        return load_if_stage(entry[len(IF_PREFIX):], mesh=mesh, rules=rules,
+                             lowres_resolution=low)
+    return load_stage(entry, mesh=mesh, rules=rules)
+
+
 def load_cascade(
     stage_dirs: Sequence[str],
     t5: str | None = None,
@@ -122,13 +194,16 @@ def load_cascade(
 ) -> Cascade:
     """A ``Cascade`` from trainer workdirs (base first) and a T5 checkpoint directory.
 
+    An entry ``if:PATH`` is a DeepFloyd IF U-Net (`load_if_stage`): ``if:IF_I,if:IF_II`` is IF's
+    cascade, and a trained SR stage of ours may follow it.
+
     ``overrides[i]`` changes stage i's saved sampler settings (``SamplingConfig`` field names;
     see ``gin_sampling_overrides``).
     Refuses stages whose resolutions do not chain or that were trained with another encoder.
     """
     if not stage_dirs:
         raise CascadeError("no stage directories given; pass --stages=DIR1[,DIR2,...]")
-    missing = [d for d in stage_dirs if not os.path.isdir(d)]
+    missing = [d for d in stage_dirs if not os.path.isdir(d.removeprefix(IF_PREFIX))]
     if missing:
         raise CascadeError(
             f"stage directory {missing[0]!r} does not exist; pass the trainer's --workdir of "
@@ -136,7 +211,9 @@ def load_cascade(
         )
     mesh = mesh if mesh is not None else partitioning.make_mesh()
     rules = tuple(rules if rules is not None else partitioning.logical_axis_rules())
-    loaded = [load_stage(d, mesh=mesh, rules=rules) for d in stage_dirs]
+    loaded: list[tuple[Stage, PyTree]] = []
+    for entry in stage_dirs:
+        loaded.append(_load_any_stage(entry, loaded[-1][0] if loaded else None, mesh, rules))
     stages = [s for s, _ in loaded]
     for i, over in enumerate(overrides or ()):
         if not stages[i].is_super_res and over.get("aug_level"):
