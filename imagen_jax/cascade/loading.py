@@ -126,14 +126,9 @@ def load_stage(
     return stage, params
 
 
-def load_if_stage(
-    path: str,
-    *,
-    mesh: Mesh,
-    rules: partitioning.LogicalRules,
-    lowres_resolution: int | None = None,
-    name: str | None = None,
-) -> tuple[Stage, PyTree]:
+def load_if_stage(path: str, *, mesh: Mesh, rules: partitioning.LogicalRules,
+                  lowres_resolution: int | None = None,
+                  name: str | None = None) -> tuple[Stage, PyTree]:
     """(discrete Stage, float32 params sharded on ``mesh``) of a DeepFloyd IF U-Net.
 
     ``path`` is a diffusers ``unet/`` directory (config.json + safetensors) or the model
