@@ -171,3 +171,24 @@ def test_load_cascade_reads_diffusers_if_unets(tmp_path):
         leaves_equal(params, reference)
     with pytest.raises(cascade.CascadeError, match="does not exist"):
         cascade.load_cascade([f"{cascade.IF_PREFIX}{tmp_path / 'absent'}"])
+
+
+class _Encoder:
+    """A stand-in text encoder: fixed random embeddings per prompt (what `Cascade` reads)."""
+
+    embed_dim, max_length, fingerprint, params = EMBED_DIM, TEXT_LEN, "fp-test", {}
+
+    def encode_fn(self, params, ids, mask):
+        return jnp.zeros((*ids.shape, EMBED_DIM)) + ids[..., None]
+
+    def __call__(self, texts):
+        rows = [np.random.default_rng(len(t)).standard_normal((TEXT_LEN, EMBED_DIM)) for t in texts]
+        return np.stack(rows).astype(np.float32), np.ones((len(texts), TEXT_LEN), bool)
+
+
+def test_the_cascade_encodes_the_empty_prompt_for_if_stages():
+    stages = if_stages()
+    params = [cascade.random_params(s, seed=i) for i, s in enumerate(stages)]
+    encoder = _Encoder()
+    c = cascade.Cascade(stages, params, text_encoder=encoder)
+    np.testing.assert_array_equal(np.asarray(c.null_embeds), encoder([""])[0][0])
