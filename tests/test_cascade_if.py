@@ -177,6 +177,10 @@ class _Encoder:
     """A stand-in text encoder: fixed random embeddings per prompt (what `Cascade` reads)."""
 
     embed_dim, max_length, fingerprint, params = EMBED_DIM, TEXT_LEN, "fp-test", {}
+    zero_padding = False  # IF's convention: T5's outputs at padded positions kept
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
 
     def encode_fn(self, params, ids, mask):
         return jnp.zeros((*ids.shape, EMBED_DIM)) + ids[..., None]
@@ -192,3 +196,19 @@ def test_the_cascade_encodes_the_empty_prompt_for_if_stages():
     encoder = _Encoder()
     c = cascade.Cascade(stages, params, text_encoder=encoder)
     np.testing.assert_array_equal(np.asarray(c.null_embeds), encoder([""])[0][0])
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("embed_dim", 24, "6 tokens x 24 dims"), ("max_length", 9, "9 tokens x 16 dims"),
+    ("zero_padding", True, "padding zeroed")])
+def test_if_stages_refuse_an_encoder_of_another_shape_or_padding(field, value, shown):
+    """IF stages carry no fingerprint; the cascade refuses an encoder whose width, length or
+    padding mode is not what they read, in one line naming both and the fix."""
+    stages = if_stages()
+    params = [cascade.random_params(s, seed=i) for i, s in enumerate(stages)]
+    with pytest.raises(cascade.CascadeError) as e:
+        cascade.Cascade(stages, params, text_encoder=_Encoder(**{field: value}))
+    msg = str(e.value)
+    assert "\n" not in msg and shown in msg, msg
+    assert "reads T5 embeddings of 6 tokens x 16 dims, padding kept" in msg
+    assert "max_length=6, zero_padding=False" in msg

@@ -65,3 +65,30 @@ def test_matches_transformers(variant, size, tmp_path, torch_t5, capsys):
               f"bfloat16 max|diff| {err_bf16:.2e} (max|ref| {scale:.2f})")
     # bf16 has an 8-bit mantissa: a few percent of the activation scale after 2 layers.
     assert ours_bf16.dtype == np.float32 and err_bf16 < 0.1 * scale
+
+
+IF_LENGTH = 77  # DeepFloyd IF's prompts: 77 tokens, every position fed to the U-Net
+
+
+@pytest.mark.parametrize("variant", ["v1_1"])
+def test_kept_padding_matches_transformers_at_every_position(variant, tmp_path, torch_t5):
+    """``zero_padding=False`` (IF's convention) equals transformers' last_hidden_state at ALL
+    positions, padded ones included; the fingerprint tells the two modes apart."""
+    torch, T5EncoderModel = torch_t5
+    path = write_random_t5(str(tmp_path), texts=drawbench_prompts(), variant=variant, seed=2)
+    enc = load_t5(path, max_length=IF_LENGTH, zero_padding=False)
+    ids, mask = enc.tokenize(_mixed_prompts()[1:])  # "" and short prompts: mostly padding
+    assert (~mask).sum() > mask.sum()
+    ref_model = T5EncoderModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                        attention_mask=torch.from_numpy(mask.astype(np.int64)))
+    ref = ref.last_hidden_state.numpy()
+    ours = np.asarray(enc.encode(ids, mask))
+    err = np.abs(ours - ref).max()
+    assert err <= 1e-5, f"float32 max abs diff {err:.2e} over all positions"
+    assert np.abs(ours[~mask]).min() > 0, "padded positions keep the encoder's output"
+    zeroed = load_t5(path, max_length=IF_LENGTH)
+    np.testing.assert_array_equal(np.asarray(zeroed.encode(ids, mask))[mask], ours[mask])
+    assert zeroed.fingerprint != enc.fingerprint
+    assert enc.fingerprint == zeroed.fingerprint_for(False) and "padkept" in enc.fingerprint

@@ -135,8 +135,9 @@ def load_if_stage(path: str, *, mesh: Mesh, rules: partitioning.LogicalRules,
     directory holding one. Stage I (no noise-level embedding) becomes a base stage at the
     config's ``sample_size`` sampled with `IF_STAGE_I_SAMPLING`; stage II an SR stage from
     ``lowres_resolution`` (default ``sample_size / IF_UPSCALE``) with `IF_STAGE_II_SAMPLING`.
-    Both read ``IF_TEXT_LENGTH`` tokens of ``config.text_dim``-wide T5 embeddings (T5-XXL: pass
-    it with ``--t5``) and carry no text fingerprint. Each tensor goes straight into its shard
+    Both read ``IF_TEXT_LENGTH`` tokens of ``config.text_dim``-wide T5 embeddings with padded
+    positions kept (T5 v1.1 XXL: pass it with ``--t5``; `load_cascade` loads it so) and carry no
+    text fingerprint (the cascade checks the encoder's shape instead: `check_text_encoder`). Each tensor goes straight into its shard
     (`load_if_unet`).
 
     Raises ConfigError for a config this port does not implement, CheckpointError for missing,
@@ -225,7 +226,11 @@ def load_cascade(
         if not os.path.isdir(t5):
             raise CascadeError(f"T5 directory {t5!r} does not exist; pass --t5=PATH")
         length = stages[0].text_length or 128
-        encoder = load_t5(t5, dtype=t5_dtype, max_length=length, mesh=mesh)
+        # DeepFloyd IF's U-Nets read T5's outputs at padded positions too; ours zeroed ones
+        # (a mixed cascade zeroes them for our stages in the program).
+        keep = any(s.is_discrete for s in stages)
+        encoder = load_t5(t5, dtype=t5_dtype, max_length=length, mesh=mesh,
+                          zero_padding=not keep)
     return Cascade(
         stages, [p for _, p in loaded], text_encoder=encoder, mesh=mesh, rules=rules,
         max_batch=max_batch,

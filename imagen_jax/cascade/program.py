@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from imagen_jax.errors import CascadeError
 from imagen_jax.stage import Stage, sample_stage
@@ -62,6 +63,31 @@ def check_chain(stages: Sequence[Stage], text_fingerprint: str | None = None) ->
         )
 
 
+def check_text_encoder(stages: Sequence[Stage], encoder: Any) -> None:
+    """Raises ``CascadeError`` (one line, naming both sides and the fix) unless ``encoder``
+    makes what every discrete (DeepFloyd IF) stage reads: ``text_length`` tokens of
+    ``text_embed_dim``-wide embeddings with the padded positions kept (``zero_padding=False``;
+    IF was trained on T5 v1.1 XXL: 4096 wide, 77 tokens). IF stages carry no text fingerprint
+    (our fingerprint hashes weights we never saw), so this is what the cascade can check.
+    Continuous stages are checked by their fingerprint (`check_chain`).
+    """
+    for i, stage in enumerate(stages):
+        if not stage.is_discrete:
+            continue
+        want = (stage.text_length, stage.text_embed_dim, False)
+        have = (getattr(encoder, "max_length", None), getattr(encoder, "embed_dim", None),
+                getattr(encoder, "zero_padding", True))
+        if have != want:
+            def shape(length, dim, zeroed):
+                return f"{length} tokens x {dim} dims, padding {'zeroed' if zeroed else 'kept'}"
+
+            raise CascadeError(
+                f"{stage.name or f'stage {i}'} (DeepFloyd IF) reads T5 embeddings of "
+                f"{shape(*want)} but the text encoder makes {shape(*have)}; pass IF's T5 v1.1 "
+                f"XXL (--t5=IF-I-XL-v1.0/text_encoder) loaded with max_length={want[0]}, "
+                "zero_padding=False (load_cascade does both)")
+
+
 def sample_cascade(
     stages: Sequence[Stage],
     params: Sequence[PyTree],
@@ -74,6 +100,7 @@ def sample_cascade(
     on_step: Callable[[int, jax.Array], None] | None = None,
     return_finite: bool = False,
     null_embeds: jax.Array | None = None,
+    padding_kept: bool = False,
 ) -> tuple[jax.Array, ...] | tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """Runs ``stages`` in order; returns every stage's images (float32 [B, R_i, R_i, 3]).
 
@@ -82,8 +109,13 @@ def sample_cascade(
     its randomness from ``fold_in(rng, i)`` whichever slice runs it. With ``return_finite``
     returns (images, finite) where finite[i] is stage i's bool [B] (see ``sample_stage``).
     ``null_embeds`` (the encoded empty prompt, [L, D]) is the unconditional condition of the
-    discrete (DeepFloyd IF) stages; the others ignore it.
+    discrete (DeepFloyd IF) stages; the others ignore it. ``padding_kept``: ``text_embeds`` hold
+    the encoder's outputs at padded positions (IF's convention, which discrete stages read);
+    continuous stages then get them zeroed, as they were trained.
     """
+    zeroed = text_embeds
+    if padding_kept and not all(s.is_discrete for s in stages):
+        zeroed = jnp.where(text_mask[..., None], text_embeds, 0.0).astype(text_embeds.dtype)
     outputs, finite = [], []
     images = lowres
     for i, (stage, stage_params) in enumerate(zip(stages, params)):
@@ -92,7 +124,7 @@ def sample_cascade(
         images, ok = sample_stage(
             stage,
             stage_params,
-            text_embeds,
+            text_embeds if stage.is_discrete else zeroed,
             text_mask,
             jax.random.fold_in(rng, index),
             lowres=images if stage.is_super_res else None,

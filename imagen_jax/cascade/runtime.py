@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from imagen_jax import partitioning
 from imagen_jax.cascade.params import param_shardings
-from imagen_jax.cascade.program import check_chain, sample_cascade
+from imagen_jax.cascade.program import check_chain, check_text_encoder, sample_cascade
 from imagen_jax.cascade.progress import Progress
 from imagen_jax.data.images import uint8_to_unit, unit_to_uint8
 from imagen_jax.errors import CascadeError
@@ -121,7 +121,14 @@ class Cascade:
         stages = list(stages)
         if len(params) != len(stages):
             raise CascadeError(f"got {len(stages)} stages but {len(params)} parameter trees")
-        check_chain(stages, getattr(text_encoder, "fingerprint", None))
+        # Continuous stages read zeroed padding (`sample_cascade` zeroes it for them when the
+        # encoder keeps it for IF stages): compare them with the zeroed-mode fingerprint.
+        fingerprint_for = getattr(text_encoder, "fingerprint_for", None)
+        check_chain(stages, fingerprint_for(True) if fingerprint_for is not None
+                    else getattr(text_encoder, "fingerprint", None))
+        if text_encoder is not None:
+            check_text_encoder(stages, text_encoder)
+        self._padding_kept = getattr(text_encoder, "zero_padding", True) is False
         self.stages = stages
         self.mesh = mesh if mesh is not None else partitioning.make_mesh()
         self.rules = tuple(rules if rules is not None else partitioning.logical_axis_rules())
@@ -242,6 +249,7 @@ class Cascade:
                 on_step=on_step if progress else None,
                 return_finite=True,
                 null_embeds=null_embeds,
+                padding_kept=encode and self._padding_kept,
             )
             images = tuple(jax.lax.with_sharding_constraint(o, batch_spec(mesh, 4)) for o in outs)
             return images + tuple(finite)

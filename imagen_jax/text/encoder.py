@@ -27,13 +27,17 @@ from imagen_jax.text.tokenizer import (
 )
 
 SPM_FILENAME = "spiece.model"
+# Marks the fingerprint of an encoder that keeps its outputs at padded positions
+# (``zero_padding=False``): its embeddings differ there, so caches and stages must not mix them.
+PADDING_KEPT_TAG = "padkept"
 
 
 class TextEncoder:
     """A frozen T5 encoder with its tokenizer.
 
     ``tokenize(texts) -> (ids int32 [B, L], mask bool [B, L])``; ``encode(ids, mask) -> float32
-    [B, L, D]`` (jitted, padded positions zeroed); ``__call__(texts)`` does both.
+    [B, L, D]`` (jitted; padded positions zeroed, or with ``zero_padding=False`` kept as the
+    encoder computed them, DeepFloyd IF's convention); ``__call__(texts)`` does both.
     With a ``mesh``, parameters live sharded by the logical ``rules`` and the batch is split over
     the mesh's batch axes (padded up to a multiple of their size and cut back).
     """
@@ -49,6 +53,7 @@ class TextEncoder:
         mesh: Mesh | None = None,
         rules: partitioning.LogicalRules = (),
         param_shardings: Any = None,
+        zero_padding: bool = True,
     ):
         self.config = config
         self.params = params
@@ -56,7 +61,9 @@ class TextEncoder:
         self.dtype = dtype
         self.mesh = mesh
         self.rules = tuple(rules)
-        self.model = T5Encoder(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+        self.zero_padding = zero_padding
+        self.model = T5Encoder(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype),
+                               zero_padding=zero_padding)
         self._weights_digest = weights_digest
 
         def apply(params, ids, mask):
@@ -84,12 +91,19 @@ class TextEncoder:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies weights + vocabulary + max_length (caches refuse to mix encoders)."""
+        """Identifies weights + vocabulary + max_length + padding mode (caches refuse to mix
+        encoders); `fingerprint_for` of this encoder's ``zero_padding``."""
+        return self.fingerprint_for(self.zero_padding)
+
+    def fingerprint_for(self, zero_padding: bool) -> str:
+        """The fingerprint of these weights, vocabulary and max_length in a padding mode:
+        ``t5-<D>d<layers>l-<hash>`` zeroed, ``t5-<D>d<layers>l-padkept-<hash>`` kept."""
         h = hashlib.sha256()
         h.update(self._weights_digest.encode())
         h.update(self.tokenizer.sha256.encode())
         h.update(str(self.max_length).encode())
-        return f"t5-{self.config.d_model}d{self.config.num_layers}l-{h.hexdigest()[:16]}"
+        mode = "" if zero_padding else f"{PADDING_KEPT_TAG}-"
+        return f"t5-{self.config.d_model}d{self.config.num_layers}l-{mode}{h.hexdigest()[:16]}"
 
     def tokenize(self, texts: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
         return self.tokenizer(texts)
@@ -106,7 +120,7 @@ class TextEncoder:
         mask = jnp.asarray(mask, bool)
         batch = ids.shape[0]
         pad = -batch % self._batch_multiple
-        if pad:  # all-False rows: finite, zeroed outputs, cut off below
+        if pad:  # all-False rows: finite outputs, cut off below
             ids = jnp.pad(ids, ((0, pad), (0, 0)))
             mask = jnp.pad(mask, ((0, pad), (0, 0)))
         if self.mesh is None or isinstance(ids, jax.core.Tracer):
@@ -141,6 +155,7 @@ def load_t5(
     config: T5Config | None = None,
     progress: bool = False,
     extra_ids: int | None = None,
+    zero_padding: bool = True,
 ) -> TextEncoder:
     """Loads a frozen T5 encoder from a Hugging Face or T5X checkpoint directory.
 
@@ -157,6 +172,9 @@ def load_t5(
       extra_ids: sentinel ids ``<extra_id_0>``... after the sentencepiece pieces. None: as many
         as the embedding table has rows for, at most 100 (every public T5: 32000 pieces, 32128
         rows -> 100, matching seqio's T5 vocabulary and Hugging Face's T5Tokenizer).
+      zero_padding: zero the outputs at padded positions (Imagen); False keeps them
+        (transformers' ``last_hidden_state``; DeepFloyd IF's U-Nets read them). Part of the
+        fingerprint.
 
     Raises `VocabularyError` when the vocabulary (with its extra ids) has more ids than the
     checkpoint's embedding table has rows.
@@ -194,4 +212,4 @@ def load_t5(
         bar = lambda it: tqdm(it, desc="loading T5", unit="array")  # noqa: E731
     params, digest = load_params(source, param_dtype, shardings, progress=bar)
     return TextEncoder(cfg, params, tokenizer, dtype=dtype, weights_digest=digest, mesh=mesh,
-                       rules=rules or (), param_shardings=shardings)
+                       rules=rules or (), param_shardings=shardings, zero_padding=zero_padding)

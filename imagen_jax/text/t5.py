@@ -186,8 +186,14 @@ class T5Encoder(T5Module):
     """T5 encoder stack: token ids int32 [B, L] + mask bool [B, L] -> float32 [B, L, D].
 
     ``dtype`` is the matmul / residual dtype; ``param_dtype`` the storage dtype of the weights.
-    Positions where ``mask`` is False are zeroed in the output (they are padding).
+    With ``zero_padding`` (Imagen's convention) positions where ``mask`` is False are zeroed in the
+    output (they are padding); without it every position keeps the encoder's output, as
+    transformers' ``T5EncoderModel(input_ids, attention_mask).last_hidden_state`` and DeepFloyd
+    IF's pipelines (which feed all 77 positions, unmasked, to the U-Net) do. The mask always
+    hides padded keys from attention.
     """
+
+    zero_padding: bool = True
 
     @nn.compact
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -211,4 +217,4 @@ class T5Encoder(T5Module):
             x = EncoderLayer(cfg, name=f"layers_{i}", **kw)(x, bias)
         x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", dtype=jnp.float32,
                     param_dtype=self.param_dtype)(x)
-        return jnp.where(mask[..., None], x, 0.0)
+        return jnp.where(mask[..., None], x, 0.0) if self.zero_padding else x
