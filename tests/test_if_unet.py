@@ -219,3 +219,35 @@ def test_loads_into_shards_and_reads_the_fp16_variant(tmp_path):
     assert not kernel.sharding.is_fully_replicated
     want = model.down_blocks[1].attentions[0].add_k_proj.weight.detach().float().numpy()
     np.testing.assert_array_equal(np.asarray(kernel).reshape(want.shape[1], -1), want.T)
+
+
+# Max |output difference| relative to max |float32 output| after rounding every weight to the
+# precision (fp16: 11-bit mantissa; bf16: 8-bit).
+HALF_TOLERANCE = {"float16": 5e-3, "bfloat16": 5e-2}
+
+
+@pytest.mark.parametrize("dtype,variant", [("float16", None), ("bfloat16", "bf16")])
+def test_half_precision_files_load(saved_stage_i, tmp_path, dtype, variant):
+    """A U-Net saved in float16 (in the default file) or bfloat16 (the ``bf16`` variant) loads:
+    every parameter is the float32 one rounded to that precision, cast to float32 (or kept in
+    bfloat16 with ``param_dtype``), and the forward pass equals the float32 model's within the
+    precision's tolerance."""
+    path = str(tmp_path / dtype)
+    model = diffusers.UNet2DConditionModel.from_pretrained(saved_stage_i)
+    model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True,
+                                                   variant=variant)
+    cfg, full = load_if_unet(saved_stage_i)
+    _, half = load_if_unet(path)
+    rounded = jax.tree.map(lambda p: np.asarray(p).astype(jnp.dtype(dtype)).astype(np.float32),
+                           full)
+    for got, want in zip(jax.tree.leaves(half), jax.tree.leaves(rounded)):
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), want)
+    _, kept = load_if_unet(path, param_dtype=jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(kept)} == {jnp.dtype(jnp.bfloat16)}
+    x, t, text, lowres, level = _inputs(STAGE_I, seed=4)
+    apply = jax.jit(IFUNet(cfg).apply)
+    want = np.asarray(apply({"params": full}, x, t, text, lowres, level))
+    got = np.asarray(apply({"params": half}, x, t, text, lowres, level))
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert np.isfinite(got).all() and err < HALF_TOLERANCE[dtype], err

@@ -137,8 +137,8 @@ def load_if_stage(path: str, *, mesh: Mesh, rules: partitioning.LogicalRules,
     ``lowres_resolution`` (default ``sample_size / IF_UPSCALE``) with `IF_STAGE_II_SAMPLING`.
     Both read ``IF_TEXT_LENGTH`` tokens of ``config.text_dim``-wide T5 embeddings with padded
     positions kept (T5 v1.1 XXL: pass it with ``--t5``; `load_cascade` loads it so) and carry no
-    text fingerprint (the cascade checks the encoder's shape instead: `check_text_encoder`). Each tensor goes straight into its shard
-    (`load_if_unet`).
+    text fingerprint (the cascade checks the encoder's shape instead: `check_text_encoder`).
+    Each tensor goes straight into its shard (`load_if_unet`).
 
     Raises ConfigError for a config this port does not implement, CheckpointError for missing,
     unknown or mis-shaped tensors (each named).

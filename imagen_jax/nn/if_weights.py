@@ -1,8 +1,10 @@
 """Reads a diffusers ``unet/`` directory of DeepFloyd IF into the `IFUNet` parameter tree.
 
-A directory holds ``config.json`` and ``diffusion_pytorch_model[.fp16].safetensors``, or shards
-listed by ``diffusion_pytorch_model[.fp16].safetensors.index.json``. Every parameter of our tree
-names exactly one safetensors key (`torch_key`), so loading is one loop, as for T5
+A directory holds ``config.json`` and ``diffusion_pytorch_model[.fp16|.bf16].safetensors``, or
+shards listed by ``diffusion_pytorch_model[...].safetensors.index.json``; tensors may be float32,
+float16 (IF's published ``fp16`` variant) or bfloat16, and are cast to the parameter dtype
+(float32 by default). Every parameter of our tree names exactly one safetensors key
+(`torch_key`), so loading is one loop, as for T5
 (`imagen_jax.text.checkpoints`): read one tensor, change its layout (conv kernels
 [O, I, kh, kw] -> [kh, kw, I, O], Linear weights [out, in] -> [in, out] reshaped to our head
 axes), put it straight into its device shards, drop it. Before anything is read, a key the tree
@@ -21,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401 - names bfloat16 for numpy: safetensors then reads BF16
 import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
@@ -30,7 +33,8 @@ from imagen_jax.nn.if_config import IFUNetConfig, read_if_config
 from imagen_jax.nn.if_unet import IFUNet
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
-VARIANTS = ("", ".fp16")  # full precision first: diffusers' default file, then its fp16 variant
+# Full precision first (diffusers' default file), then its half-precision variants.
+VARIANTS = ("", ".fp16", ".bf16")
 
 # Our module names -> diffusers' (module path segments). Blocks are numbered per level ``l``;
 # diffusers numbers up blocks from the bottom (up_blocks.0 is the deepest level).
@@ -130,8 +134,8 @@ def abstract_if_params(config: IFUNetConfig, param_dtype: Any = jnp.float32) -> 
 class DiffusersUNetDir:
     """A diffusers ``unet/`` directory: its `IFUNetConfig` and its tensors by key.
 
-    ``read(key)`` returns the tensor as stored (float16 or float32 numpy) and counts the read in
-    ``reads`` (the loader's proof that each key is consumed once).
+    ``read(key)`` returns the tensor as stored (float32, float16 or ml_dtypes.bfloat16 numpy)
+    and counts the read in ``reads`` (the loader's proof that each key is consumed once).
     """
 
     def __init__(self, path: str, variant: str | None = None):
@@ -157,7 +161,7 @@ class DiffusersUNetDir:
                 break
         else:
             raise CheckpointError(
-                f"{path}: no {WEIGHTS_STEM}{{,.fp16}}.safetensors[.index.json]; found "
+                f"{path}: no {WEIGHTS_STEM}{{,.fp16,.bf16}}.safetensors[.index.json]; found "
                 f"{sorted(os.listdir(path))} (convert a .bin once with safetensors.torch)")
         self.description = f"diffusers:{os.path.abspath(path)}"
 
@@ -182,11 +186,14 @@ class DiffusersUNetDir:
             raise CheckpointError(f"{self.path}: tensor {key!r} missing from the safetensors "
                                   "files")
         self.reads[key] = self.reads.get(key, 0) + 1
+        handle = self._handle(self._key_to_file[key])
         try:
-            return self._handle(self._key_to_file[key]).get_tensor(key)
-        except TypeError as e:  # safetensors' numpy backend reads F16/F32, not BF16
-            raise CheckpointError(f"{self.path}: tensor {key!r} has a dtype numpy cannot read "
-                                  f"({e}); save the U-Net in float16 or float32") from e
+            return handle.get_tensor(key)
+        except TypeError as e:  # a dtype numpy has no name for (F8, ...)
+            stored = handle.get_slice(key).get_dtype()
+            raise CheckpointError(f"{self.path}: tensor {key!r} is stored as {stored}, which "
+                                  "this reader does not convert; save the U-Net in float32, "
+                                  "float16 or bfloat16") from e
 
 
 def key_map(config: IFUNetConfig) -> tuple[dict[str, str], dict[str, Any]]:
