@@ -1,10 +1,10 @@
 """``python -m launch.sample --stages=if:PATH_I,if:PATH_II --t5=PATH`` end to end (issue 18).
 
 Tiny random DeepFloyd IF stage I (8 px) and stage II (8 -> 32 px) are saved as diffusers model
-directories (``unet/`` inside, as on the Hugging Face hub) by ``UNet2DConditionModel``, their
-text width that of a tiny random T5 (Hugging Face format, as the other launcher tests build it).
-The real command runs as a subprocess with IF's sampler settings (guided: the encoded empty
-prompt is the unconditional branch) and a step count set through ``--gin.``.
+directories laid out as on the Hugging Face hub (``unet/``; stage I also ``text_encoder/`` and
+``tokenizer/spiece.model``, a tiny random T5 whose width the U-Nets read). The real command of the
+README runs as a subprocess with IF's sampler settings (guided: the encoded empty prompt is the
+unconditional branch), bfloat16 U-Nets and T5, and a step count, all set through ``--gin.``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ import subprocess
 import sys
 
 import diffusers  # test-extra reference: plainly imported, a broken install fails, not skips
+import gin
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from imagen_jax import cascade
-from imagen_jax.diffusion import IF_STAGE_I_SAMPLING, IF_STAGE_II_SAMPLING
 from imagen_jax.cascade.loading import IF_TEXT_LENGTH
+from imagen_jax.diffusion import IF_STAGE_I_SAMPLING, IF_STAGE_II_SAMPLING
 from imagen_jax.text.testing import write_random_t5
 from tests.test_cascade_if import STAGE_I, STAGE_II
 
@@ -34,8 +37,11 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def if_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("if_launch")
-    t5 = write_random_t5(str(root / "t5"), texts=["a red circle", "a blue star"] * 8,
-                         vocab_size=64)
+    t5 = write_random_t5(str(root / "IF-I-tiny" / "text_encoder"),
+                         texts=["a red circle", "a blue star"] * 8, vocab_size=64)
+    vocab = root / "IF-I-tiny" / "tokenizer" / "spiece.model"
+    vocab.parent.mkdir()
+    os.rename(os.path.join(t5, "spiece.model"), vocab)  # IF keeps it apart from the weights
     entries = []
     for i, config in enumerate((STAGE_I, STAGE_II)):
         torch.manual_seed(i)
@@ -43,11 +49,21 @@ def if_dirs(tmp_path_factory):
         diffusers.UNet2DConditionModel(**dict(config, encoder_hid_dim=T5_WIDTH)).save_pretrained(
             str(model_dir / "unet"), safe_serialization=True)
         entries.append(f"{cascade.IF_PREFIX}{model_dir}")
-    return {"stages": entries, "t5": t5, "root": root}
+    return {"stages": entries, "t5": t5, "vocab": str(vocab), "root": root}
 
 
 def test_load_cascade_keeps_t5_padding_for_if_stages(if_dirs):
-    c = cascade.load_cascade(if_dirs["stages"], if_dirs["t5"])
+    """The cascade's T5 keeps padded positions for IF stages; the U-Nets' and T5's dtype and the
+    vocabulary are gin bindings (``load_if_stage.dtype``, ``load_t5.dtype``, ``load_t5.vocab``)."""
+    with gin.unlock_config():
+        gin.parse_config([f"load_t5.vocab = '{if_dirs['vocab']}'",
+                          "load_if_stage.dtype = 'bfloat16'", "load_t5.dtype = 'bfloat16'"])
+    try:
+        c = cascade.load_cascade(if_dirs["stages"], if_dirs["t5"])
+    finally:
+        gin.clear_config()
+    assert {x.dtype for p in c.params for x in jax.tree.leaves(p)} == {jnp.dtype(jnp.bfloat16)}
+    assert c.text_encoder.dtype == "bfloat16"
     encoder = c.text_encoder
     assert encoder.zero_padding is False and "padkept" in encoder.fingerprint
     assert encoder.max_length == IF_TEXT_LENGTH == c.stages[0].text_length
@@ -62,7 +78,9 @@ def test_sample_command_writes_if_images(if_dirs, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "launch.sample", f"--stages={','.join(if_dirs['stages'])}",
          f"--t5={if_dirs['t5']}", "--prompts=a red circle", f"--out={out}", "--seed=3",
-         "--num_per_prompt=2", "--noprogress", f"--gin.SamplingConfig.num_steps={STEPS}"],
+         "--num_per_prompt=2", "--noprogress", f"--gin.load_t5.vocab='{if_dirs['vocab']}'",
+         "--gin.load_if_stage.dtype='bfloat16'", "--gin.load_t5.dtype='bfloat16'",
+         f"--gin.SamplingConfig.num_steps={STEPS}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
