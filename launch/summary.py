@@ -1,6 +1,7 @@
 r"""Model summary: parameter count, FLOPs per example and per-resolution layout of a stage.
 
     python -m launch.summary --gin_file=gin_configs/base64.gin [--gin.BaseUNet.channels=256]
+    python -m launch.summary --if_config=IF-I-XL-v1.0/unet/config.json   # DeepFloyd IF
 
 The gin files are a stage's, as `launch.train` reads them: the summary describes the very
 `imagen_jax.stage.Stage` the trainer builds from them (every stage file under gin_configs/ binds
@@ -9,10 +10,15 @@ from XLA's cost analysis of the compiled training step (forward + backward of th
 and of one guided sampling step (one model call on the cond + uncond batch), per generated
 example. ``--flops=lowered`` reads the pre-optimisation HLO instead (seconds instead of minutes
 for the 2 B model on a CPU).
+
+``--if_config`` describes a DeepFloyd IF U-Net from its diffusers config.json alone (the file, its
+``unet/`` directory, the model directory, or ``if:PATH`` as ``launch.sample --stages`` takes it;
+no weights needed): the stage `imagen_jax.cascade.loading.if_stage` builds, as sampled.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -27,13 +33,16 @@ import numpy as np
 from absl import app, flags
 
 from imagen_jax import gin_utils
-from imagen_jax.nn import BaseUNet, EfficientUNet
+from imagen_jax.cascade.loading import IF_PREFIX, if_stage, if_stage_name, if_unet_dir
+from imagen_jax.nn import BaseUNet, EfficientUNet, IFUNet, read_if_config
 from imagen_jax.stage import Stage, abstract_params, model_inputs
 from launch import shared_flags as sf
 
 FLAGS = flags.FLAGS
 sf.DEFINE_multi_string("gin_file", [], "Gin files (the stage config), in order.")
 sf.DEFINE_multi_string("gin_search_paths", [], "Extra directories to look up gin files in.")
+sf.DEFINE_string("if_config", None, "A DeepFloyd IF U-Net's diffusers config.json (or its unet/ "
+                 "or model directory, or if:PATH) instead of gin files.")
 sf.DEFINE_enum("flops", "compiled", ["compiled", "lowered", "none"],
                   "FLOPs from the compiled executable's cost analysis, from the lowered HLO "
                   "(fast, before XLA optimisations), or skip.")
@@ -61,6 +70,15 @@ def load_stage(gin_files: Sequence[str], bindings: Sequence[str] = (),
     except (ValueError, KeyError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise gin_utils.GinConfigError(f"{first}\n{STAGE_FILES_HINT}") from e
+
+
+def load_if_config_stage(path: str) -> Stage:
+    """The stage of a DeepFloyd IF U-Net described by its diffusers config.json alone (``path``:
+    the file, a ``unet/`` or model directory, optionally ``if:``-prefixed). ConfigError for a
+    missing or unsupported config."""
+    path = if_unet_dir(path.removeprefix(IF_PREFIX))
+    name = if_stage_name(os.path.dirname(path) if os.path.isfile(path) else path)
+    return if_stage(read_if_config(path), name=name)
 
 
 def abstract_inputs(stage: Stage, batch: int, full_size: bool = False) -> dict[str, Any]:
@@ -93,6 +111,8 @@ def train_step_flops(stage: Stage, params: Any, mode: str = "compiled") -> float
 
     def loss(p, inputs):
         eps_hat = stage.model.apply({"params": p}, **inputs, train=True)
+        if eps_hat.shape != inputs["x"].shape:  # IF: eps and the variance interpolation
+            eps_hat = eps_hat[..., :inputs["x"].shape[-1]]
         return jnp.mean(jnp.square(eps_hat - inputs["x"]))
 
     return _flops(jax.grad(loss), (params, inputs), mode) / batch
@@ -143,6 +163,15 @@ def layout_rows(stage: Stage, params: Any) -> list[tuple[str, ...]]:
                 attn += " every block" if model.attn_every_res_block else " once"
             rows.append((f"{res}x{res}", str(ch), f"{n}/{n}", attn,
                          f"{per_level.get(level, 0) / 1e6:.1f}"))
+    elif isinstance(model, IFUNet):
+        cfg = model.config
+        for level, ch in enumerate(cfg.block_out_channels):
+            res = stage.resolution // 2**level
+            n = cfg.layers_per_block[level]
+            attn = ("text" if cfg.only_cross_attention[level] else "self+text") if (
+                cfg.down_attention[level] or cfg.up_attention[level]) else "-"
+            rows.append((f"{res}x{res}", str(ch), f"{n}/{n + 1}", attn,
+                         f"{per_level.get(level, 0) / 1e6:.1f}"))
     return rows
 
 
@@ -164,9 +193,16 @@ def format_summary(stage: Stage, n_params: int, rows: list[tuple[str, ...]],
 def main(argv: Sequence[str], bindings: Sequence[str] = ()) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not FLAGS.gin_file:
-        raise app.UsageError("pass --gin_file=gin_configs/base64.gin (or sr256.gin, sr1024.gin)")
-    stage = load_stage(FLAGS.gin_file, bindings, FLAGS.gin_search_paths)
+    if FLAGS.if_config and (FLAGS.gin_file or bindings):
+        raise app.UsageError("--if_config describes an IF U-Net from its config.json alone; "
+                             "drop --gin_file / --gin. bindings")
+    if FLAGS.if_config:
+        stage = load_if_config_stage(FLAGS.if_config)
+    elif not FLAGS.gin_file:
+        raise app.UsageError("pass --gin_file=gin_configs/base64.gin (or sr256.gin, sr1024.gin), "
+                             "or --if_config=IF_MODEL/unet/config.json")
+    else:
+        stage = load_stage(FLAGS.gin_file, bindings, FLAGS.gin_search_paths)
     params = nn.meta.unbox(abstract_params(stage))
     flops = {}
     if FLAGS.flops != "none":

@@ -28,7 +28,7 @@ from imagen_jax.diffusion import (
     check_sampling_settings,
 )
 from imagen_jax.errors import CascadeError, CheckpointError, ConfigError
-from imagen_jax.nn import IFUNet, load_if_unet
+from imagen_jax.nn import IFUNet, IFUNetConfig, load_if_unet
 from imagen_jax.nn.if_weights import DiffusersUNetDir
 from imagen_jax.stage import Stage
 from imagen_jax.text import load_t5
@@ -128,37 +128,30 @@ def load_stage(
     return stage, params
 
 
-@gin.configurable(denylist=["path", "mesh", "rules", "lowres_resolution", "name"])
-def load_if_stage(path: str, *, mesh: Mesh, rules: partitioning.LogicalRules,
-                  lowres_resolution: int | None = None,
-                  name: str | None = None, dtype: str = "float32") -> tuple[Stage, PyTree]:
-    """(discrete Stage, params sharded on ``mesh``) of a DeepFloyd IF U-Net.
+def if_unet_dir(path: str) -> str:
+    """The diffusers ``unet/`` directory ``path`` names: itself, or the model directory's
+    ``unet/`` (IF-I-XL-v1.0/ -> IF-I-XL-v1.0/unet)."""
+    inner = os.path.join(path, IF_UNET_DIR)
+    return inner if os.path.isdir(inner) else path
 
-    ``path`` is a diffusers ``unet/`` directory (config.json + safetensors) or the model
-    directory holding one. Stage I (no noise-level embedding) becomes a base stage at the
-    config's ``sample_size`` sampled with `IF_STAGE_I_SAMPLING`; stage II an SR stage from
-    ``lowres_resolution`` (default ``sample_size / IF_UPSCALE``) with `IF_STAGE_II_SAMPLING`.
-    Both read ``IF_TEXT_LENGTH`` tokens of ``config.text_dim``-wide T5 embeddings with padded
-    positions kept (T5 v1.1 XXL: pass it with ``--t5``; `load_cascade` loads it so) and carry no
-    text fingerprint (the cascade checks the encoder's shape instead: `check_text_encoder`).
-    Each tensor goes straight into its shard (`load_if_unet`), cast to ``dtype`` ("float32" or
-    "bfloat16", the U-Net's storage and compute dtype; gin: ``load_if_stage.dtype``): bfloat16
-    halves the memory (IF-I-XL: about 8.6 GB instead of 17).
 
-    Raises ConfigError for a config this port does not implement or an unknown ``dtype``,
-    CheckpointError for missing, unknown or mis-shaped tensors (each named).
-    """
+def if_stage_name(unet_dir: str) -> str:
+    """The directory's name; the model's (IF-I-XL-v1.0) for a ``unet/`` one."""
+    head, tail = os.path.split(os.path.abspath(unet_dir))
+    return os.path.basename(head) if tail == IF_UNET_DIR else tail
+
+
+def if_stage(config: IFUNetConfig, *, lowres_resolution: int | None = None, name: str = "",
+             dtype: str = "float32") -> Stage:
+    """The discrete `Stage` of an IF U-Net config (no weights involved): stage I (no noise-level
+    embedding) a base stage at ``sample_size`` sampled with `IF_STAGE_I_SAMPLING`; stage II an
+    SR stage from ``lowres_resolution`` (default ``sample_size / IF_UPSCALE``) with
+    `IF_STAGE_II_SAMPLING`; both reading ``IF_TEXT_LENGTH`` x ``text_dim`` T5 embeddings; the
+    U-Net in ``dtype`` (storage and compute; ConfigError unless one of `IF_DTYPES`)."""
     if dtype not in IF_DTYPES:
         raise ConfigError(f"load_if_stage.dtype={dtype!r}; use one of {IF_DTYPES}")
-    if os.path.isdir(os.path.join(path, IF_UNET_DIR)):
-        path = os.path.join(path, IF_UNET_DIR)
-    source = DiffusersUNetDir(path)
-    config = source.config
     super_res = config.noise_level_embed
-    if name is None:  # the directory's name; the model's (IF-I-XL-v1.0) for a unet/ one
-        head, tail = os.path.split(os.path.abspath(path))
-        name = os.path.basename(head) if tail == IF_UNET_DIR else tail
-    stage = Stage(
+    return Stage(
         model=IFUNet(config, dtype=dtype, param_dtype=dtype),
         resolution=config.sample_size,
         lowres_resolution=(lowres_resolution or config.sample_size // IF_UPSCALE) if super_res
@@ -169,6 +162,31 @@ def load_if_stage(path: str, *, mesh: Mesh, rules: partitioning.LogicalRules,
         sampling=SamplingConfig(**(IF_STAGE_II_SAMPLING if super_res else IF_STAGE_I_SAMPLING)),
         name=name,
     )
+
+
+@gin.configurable(denylist=["path", "mesh", "rules", "lowres_resolution", "name"])
+def load_if_stage(path: str, *, mesh: Mesh, rules: partitioning.LogicalRules,
+                  lowres_resolution: int | None = None,
+                  name: str | None = None, dtype: str = "float32") -> tuple[Stage, PyTree]:
+    """(discrete Stage, params sharded on ``mesh``) of a DeepFloyd IF U-Net.
+
+    ``path`` is a diffusers ``unet/`` directory (config.json + safetensors) or the model
+    directory holding one; the stage is `if_stage` of its config, named after the directory.
+    Both stages read ``IF_TEXT_LENGTH`` tokens of ``config.text_dim``-wide T5 embeddings with
+    padded positions kept (T5 v1.1 XXL: pass it with ``--t5``; `load_cascade` loads it so) and
+    carry no text fingerprint (the cascade checks the encoder's shape instead:
+    `check_text_encoder`).
+    Each tensor goes straight into its shard (`load_if_unet`), cast to ``dtype`` ("float32" or
+    "bfloat16", the U-Net's storage and compute dtype; gin: ``load_if_stage.dtype``): bfloat16
+    halves the memory (IF-I-XL: about 8.6 GB instead of 17).
+
+    Raises ConfigError for a config this port does not implement or an unknown ``dtype``,
+    CheckpointError for missing, unknown or mis-shaped tensors (each named).
+    """
+    path = if_unet_dir(path)
+    source = DiffusersUNetDir(path)
+    stage = if_stage(source.config, lowres_resolution=lowres_resolution,
+                     name=if_stage_name(path) if name is None else name, dtype=dtype)
     abstract = sharded_abstract_params(stage, mesh, rules)
     _, params = load_if_unet(source, param_dtype=jnp.dtype(dtype),
                              shardings=jax.tree.map(lambda x: x.sharding, abstract))

@@ -218,9 +218,9 @@ class IFUNetConfig:
 
 
 def read_if_config(path: str) -> IFUNetConfig:
-    """`IFUNetConfig` of a diffusers ``unet/`` directory's config.json (ConfigError if absent,
-    unparsable or not an IF U-Net)."""
-    file = os.path.join(path, CONFIG_FILE)
+    """`IFUNetConfig` of a diffusers ``unet/`` directory's config.json, or of that file itself
+    (ConfigError if absent, unparsable or not an IF U-Net)."""
+    file = path if os.path.isfile(path) else os.path.join(path, CONFIG_FILE)
     try:
         with open(file) as f:
             raw = json.load(f)
