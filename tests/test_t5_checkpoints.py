@@ -174,3 +174,21 @@ def test_bfloat16_safetensors(hf_v11, tmp_path):
     enc = load_t5(bf16_dir)
     expected = weights["shared.weight"].astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(enc.params["token_embedder"]), expected)
+
+
+def test_fp16_variant_files_load(hf_v11, tmp_path):
+    """transformers' ``variant="fp16"`` files, sharded (DeepFloyd IF's text_encoder/ layout:
+    model.fp16-0000N-of-0000M.safetensors + model.safetensors.index.fp16.json), load as the
+    float32 weights rounded to float16."""
+    import torch
+    import transformers
+
+    model = transformers.T5EncoderModel.from_pretrained(hf_v11).to(torch.float16)
+    model.save_pretrained(str(tmp_path), variant="fp16", max_shard_size="20KB",
+                          safe_serialization=True)
+    assert (tmp_path / "model.safetensors.index.fp16.json").exists()
+    assert not (tmp_path / "model.safetensors").exists()
+    (tmp_path / "spiece.model").write_bytes(open(os.path.join(hf_v11, "spiece.model"), "rb").read())
+    got, want = load_t5(str(tmp_path)).params, load_t5(hf_v11).params
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(np.float16))

@@ -30,6 +30,10 @@ from imagen_jax.text.t5 import T5Encoder
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+# transformers' ``variant="fp16"`` files (DeepFloyd IF's text_encoder/ ships them next to the
+# float32 ones): read when the float32 files are absent.
+HF_FP16_WEIGHTS = "model.fp16.safetensors"
+HF_FP16_INDEX = "model.safetensors.index.fp16.json"
 T5X_MSGPACK = "checkpoint"
 # Elements hashed per parameter for the fingerprint: a strided sample distinguishes any two
 # trained or random checkpoints without reading 19 GB through a hash.
@@ -111,7 +115,9 @@ def _read_safetensors_raw(path: str, key: str) -> np.ndarray:
 
 
 class HFSource:
-    """A Hugging Face T5 directory: ``config.json`` + ``model.safetensors`` (or sharded + index).
+    """A Hugging Face T5 directory: ``config.json`` + ``model.safetensors`` (or sharded + index),
+    or transformers' fp16 variant of either (``model.fp16.safetensors``,
+    ``model.safetensors.index.fp16.json``) when the float32 files are absent.
 
     Hugging Face stores ``nn.Linear`` weights as [out, in]; they are transposed and the fused
     head axis split into (heads, kv). The shared relative position table lives in block 0.
@@ -121,20 +127,24 @@ class HFSource:
 
         self.path = path
         self.config = config or read_hf_config(path)
-        single, index = os.path.join(path, HF_WEIGHTS), os.path.join(path, HF_INDEX)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif os.path.exists(single):
-            files = [HF_WEIGHTS]
-            weight_map = None
+        for index_name, single_name in ((HF_INDEX, HF_WEIGHTS), (HF_FP16_INDEX, HF_FP16_WEIGHTS)):
+            single, index = os.path.join(path, single_name), os.path.join(path, index_name)
+            if os.path.exists(index):
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+                files = sorted(set(weight_map.values()))
+                break
+            if os.path.exists(single):
+                files = [single_name]
+                weight_map = None
+                break
         else:
             hint = ""
             if os.path.exists(os.path.join(path, "pytorch_model.bin")):
                 hint = (" (found pytorch_model.bin: convert it once with `safetensors.torch."
                         "save_file(torch.load(...), 'model.safetensors')`)")
-            raise CheckpointError(f"{path}: no {HF_WEIGHTS} or {HF_INDEX}{hint}")
+            raise CheckpointError(f"{path}: no {HF_WEIGHTS} or {HF_INDEX} (or their fp16 "
+                                  f"variants){hint}")
         self._handles = {}
         try:
             for fname in files:
