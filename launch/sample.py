@@ -12,7 +12,9 @@ stage record saved with its checkpoint, ``--gin.`` bindings of ``SamplingConfig`
 
 DeepFloyd IF: ``--stages=if:PATH_I,if:PATH_II --t5=PATH_T5_XXL`` samples IF's stages I and II
 (diffusers model directories, or their unet/ directories, downloaded by the user) with IF's
-sampler settings; a trained SR stage of ours may follow them.
+sampler settings; a trained SR stage of ours may follow them. ``--gin.load_if_stage.dtype`` and
+``--gin.load_t5.dtype`` ('bfloat16' halves the memory) and ``--gin.load_t5.vocab`` (IF keeps
+spiece.model in tokenizer/) complete the README's command ("Sample DeepFloyd IF weights").
 
 Bad input (an invalid or NaN/Inf sampler setting, a low-res image holding NaN/Inf, a stage whose
 samples come out NaN) ends the run with one line on stderr and exit status 1; no image is written.

@@ -2,15 +2,18 @@
 
 Tiny random DeepFloyd IF stage I (8 px) and stage II (8 -> 32 px) are saved as diffusers model
 directories laid out as on the Hugging Face hub (``unet/``; stage I also ``text_encoder/`` and
-``tokenizer/spiece.model``, a tiny random T5 whose width the U-Nets read). The real command of the
-README runs as a subprocess with IF's sampler settings (guided: the encoded empty prompt is the
-unconditional branch), bfloat16 U-Nets and T5, and a step count, all set through ``--gin.``.
+``tokenizer/spiece.model``, a tiny random T5 whose width the U-Nets read). The README's command
+("Sample DeepFloyd IF weights") runs as written, as a subprocess in the directory holding them
+(named as the hub's), plus a step count, two samples and no progress bar: IF's sampler settings
+(guided: the encoded empty prompt is the unconditional branch), bfloat16 U-Nets and T5, IF's
+separate tokenizer/ vocabulary, all set through ``--gin.``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -28,24 +31,26 @@ from imagen_jax.cascade.loading import IF_TEXT_LENGTH
 from imagen_jax.diffusion import IF_STAGE_I_SAMPLING, IF_STAGE_II_SAMPLING
 from imagen_jax.text.testing import write_random_t5
 from tests.test_cascade_if import STAGE_I, STAGE_II
+from tests.test_documented_commands import readme_commands
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T5_WIDTH = 32  # d_model of write_random_t5's "tiny" T5 (IF: 4096, T5 v1.1 XXL)
 STEPS = 2
+MODELS = ("IF-I-XL-v1.0", "IF-II-L-v1.0")  # the hub's names, as the README's command reads them
 
 
 @pytest.fixture(scope="module")
 def if_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("if_launch")
-    t5 = write_random_t5(str(root / "IF-I-tiny" / "text_encoder"),
+    t5 = write_random_t5(str(root / MODELS[0] / "text_encoder"),
                          texts=["a red circle", "a blue star"] * 8, vocab_size=64)
-    vocab = root / "IF-I-tiny" / "tokenizer" / "spiece.model"
+    vocab = root / MODELS[0] / "tokenizer" / "spiece.model"
     vocab.parent.mkdir()
     os.rename(os.path.join(t5, "spiece.model"), vocab)  # IF keeps it apart from the weights
     entries = []
     for i, config in enumerate((STAGE_I, STAGE_II)):
         torch.manual_seed(i)
-        model_dir = root / f"IF-{'I' * (i + 1)}-tiny"
+        model_dir = root / MODELS[i]
         diffusers.UNet2DConditionModel(**dict(config, encoder_hid_dim=T5_WIDTH)).save_pretrained(
             str(model_dir / "unet"), safe_serialization=True)
         entries.append(f"{cascade.IF_PREFIX}{model_dir}")
@@ -71,22 +76,22 @@ def test_load_cascade_keeps_t5_padding_for_if_stages(if_dirs):
     assert np.abs(np.asarray(c.null_embeds)[1:]).min() > 0  # "" is EOS + 76 kept pads
 
 
-def test_sample_command_writes_if_images(if_dirs, tmp_path):
-    out = tmp_path / "out"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def test_readme_command_writes_if_images(if_dirs):
+    [command] = [c for c in readme_commands() if "--stages=if:" in c]
+    argv = shlex.split(command.split("#")[0])
+    assert argv[:3] == ["python", "-m", "launch.sample"]
+    out = if_dirs["root"] / next(a for a in argv if a.startswith("--out="))[len("--out="):]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.sample", f"--stages={','.join(if_dirs['stages'])}",
-         f"--t5={if_dirs['t5']}", "--prompts=a red circle", f"--out={out}", "--seed=3",
-         "--num_per_prompt=2", "--noprogress", f"--gin.load_t5.vocab='{if_dirs['vocab']}'",
-         "--gin.load_if_stage.dtype='bfloat16'", "--gin.load_t5.dtype='bfloat16'",
+        [sys.executable, *argv[1:], "--num_per_prompt=2", "--noprogress",
          f"--gin.SamplingConfig.num_steps={STEPS}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=if_dirs["root"], env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "samples.json").read_text(encoding="utf-8"))
     stages = record["stages"]
-    assert [s["name"] for s in stages] == ["IF-I-tiny", "IF-II-tiny"]
+    assert [s["name"] for s in stages] == list(MODELS)
     assert [s["resolution"] for s in stages] == [8, 32] and stages[1]["lowres_resolution"] == 8
     for stage, want in zip(stages, (IF_STAGE_I_SAMPLING, IF_STAGE_II_SAMPLING)):
         assert stage["num_steps"] == STEPS
