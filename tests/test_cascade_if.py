@@ -212,3 +212,19 @@ def test_if_stages_refuse_an_encoder_of_another_shape_or_padding(field, value, s
     assert "\n" not in msg and shown in msg, msg
     assert "reads T5 embeddings of 6 tokens x 16 dims, padding kept" in msg
     assert "max_length=6, zero_padding=False" in msg
+
+
+def test_if_prompts_are_lower_cased_and_stripped_as_ifs_pipeline_does():
+    """IF's pipelines feed T5 ``prompt.lower().strip()``; the cascade does the same for IF
+    stages before tokenizing."""
+    seen = []
+
+    class Recording(_Encoder):
+        def tokenize(self, texts):
+            seen.extend(texts)
+            return np.ones((len(texts), TEXT_LEN), np.int32), np.ones((len(texts), TEXT_LEN), bool)
+
+    stages = if_stages()
+    params = [cascade.random_params(s, seed=i) for i, s in enumerate(stages)]
+    cascade.Cascade(stages, params, text_encoder=Recording()).tokenize(["  A Red CIRCLE ", "x"])
+    assert seen == ["a red circle", "x"]

@@ -33,9 +33,18 @@ def torch_t5():
     return torch, transformers.T5EncoderModel
 
 
+def _transformers_outputs(torch_t5, path: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """transformers' ``T5EncoderModel(input_ids, attention_mask).last_hidden_state`` [B, L, D]."""
+    torch, T5EncoderModel = torch_t5
+    model = T5EncoderModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                    attention_mask=torch.from_numpy(mask.astype(np.int64)))
+    return out.last_hidden_state.numpy()
+
+
 @pytest.mark.parametrize("variant,size", CONFIGS)
 def test_matches_transformers(variant, size, tmp_path, torch_t5, capsys):
-    torch, T5EncoderModel = torch_t5
     path = write_random_t5(str(tmp_path), texts=drawbench_prompts(), size=size,
                            variant=variant, seed=1)
     with pytest.warns(UserWarning, match="dropped"):
@@ -44,11 +53,7 @@ def test_matches_transformers(variant, size, tmp_path, torch_t5, capsys):
     lengths = mask.sum(1)
     assert lengths.max() == MAX_LENGTH and lengths.min() == 1 and 128 < sorted(lengths)[-2]
 
-    ref_model = T5EncoderModel.from_pretrained(path).eval()
-    with torch.no_grad():
-        ref = ref_model(input_ids=torch.from_numpy(ids.astype(np.int64)),
-                        attention_mask=torch.from_numpy(mask.astype(np.int64)))
-    ref = ref.last_hidden_state.numpy()
+    ref = _transformers_outputs(torch_t5, path, ids, mask)
 
     ours = np.asarray(enc.encode(ids, mask))
     assert ours.dtype == np.float32 and ours.shape == (5, MAX_LENGTH, enc.embed_dim)
@@ -74,16 +79,11 @@ IF_LENGTH = 77  # DeepFloyd IF's prompts: 77 tokens, every position fed to the U
 def test_kept_padding_matches_transformers_at_every_position(variant, tmp_path, torch_t5):
     """``zero_padding=False`` (IF's convention) equals transformers' last_hidden_state at ALL
     positions, padded ones included; the fingerprint tells the two modes apart."""
-    torch, T5EncoderModel = torch_t5
     path = write_random_t5(str(tmp_path), texts=drawbench_prompts(), variant=variant, seed=2)
     enc = load_t5(path, max_length=IF_LENGTH, zero_padding=False)
     ids, mask = enc.tokenize(_mixed_prompts()[1:])  # "" and short prompts: mostly padding
     assert (~mask).sum() > mask.sum()
-    ref_model = T5EncoderModel.from_pretrained(path).eval()
-    with torch.no_grad():
-        ref = ref_model(input_ids=torch.from_numpy(ids.astype(np.int64)),
-                        attention_mask=torch.from_numpy(mask.astype(np.int64)))
-    ref = ref.last_hidden_state.numpy()
+    ref = _transformers_outputs(torch_t5, path, ids, mask)
     ours = np.asarray(enc.encode(ids, mask))
     err = np.abs(ours - ref).max()
     assert err <= 1e-5, f"float32 max abs diff {err:.2e} over all positions"

@@ -330,11 +330,19 @@ class Cascade:
     # -- user entry points -------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and mask for ``prompts`` (long prompts are truncated with a warning)."""
+        """Token ids and mask for ``prompts`` (long prompts are truncated with a warning).
+
+        With a discrete (DeepFloyd IF) stage the prompts are lower-cased and stripped first, as
+        IF's pipelines do to every prompt (`IFPipeline._text_preprocessing`; its optional
+        ``clean_caption`` rewriting, which needs bs4 and ftfy, is not reproduced).
+        """
         if self.text_encoder is None:
             raise CascadeError("this cascade has no text encoder; pass text embeddings instead")
+        prompts = list(prompts)
+        if any(s.is_discrete for s in self.stages):
+            prompts = [p.lower().strip() for p in prompts]
         # The tokenizer cuts prompts at max_length (keeping EOS) and warns about each one.
-        ids, mask = self.text_encoder.tokenize(list(prompts))
+        ids, mask = self.text_encoder.tokenize(prompts)
         return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
     def sample(
