@@ -228,3 +228,41 @@ def test_if_prompts_are_lower_cased_and_stripped_as_ifs_pipeline_does():
     params = [cascade.random_params(s, seed=i) for i, s in enumerate(stages)]
     cascade.Cascade(stages, params, text_encoder=Recording()).tokenize(["  A Red CIRCLE ", "x"])
     assert seen == ["a red circle", "x"]
+
+
+def test_a_mixed_cascade_gives_our_stages_zeroed_padding(monkeypatch):
+    """IF stages followed by one of ours: with an encoder that keeps padding for IF, our stage
+    gets its embeddings zeroed at padded positions (as it was trained) and is checked against the
+    encoder's zeroed-mode fingerprint; IF stages get the embeddings as encoded."""
+    from imagen_jax.cascade import program
+    from imagen_jax.train.testing import tiny_sr
+
+    ours = Stage(model=tiny_sr(text_embed_dim=EMBED_DIM), resolution=64, lowres_resolution=32,
+                 text_length=TEXT_LEN, text_embed_dim=EMBED_DIM, text_fingerprint="t5-a",
+                 name="ours")
+    stages = [*(s.replace(text_fingerprint=None) for s in if_stages()), ours]  # as loaded
+    params = [cascade.random_params(s, seed=i) for i, s in enumerate(stages)]
+    encoder = _Encoder(fingerprint="t5-padkept-a",
+                       fingerprint_for=lambda zeroed: "t5-a" if zeroed else "t5-padkept-a")
+    assert cascade.Cascade(stages, params, text_encoder=encoder)._padding_kept
+    with pytest.raises(cascade.CascadeError, match="different text encoders"):
+        cascade.Cascade(stages[:2] + [ours.replace(text_fingerprint="t5-padkept-a")], params,
+                        text_encoder=encoder)
+
+    seen = {}
+
+    def fake_sample_stage(stage, params, text_embeds, text_mask, rng, lowres=None, **kwargs):
+        seen[stage.name] = np.asarray(text_embeds)
+        side = stage.resolution
+        return jnp.zeros((len(text_embeds), side, side, 3)), jnp.ones(len(text_embeds), bool)
+
+    monkeypatch.setattr(program, "sample_stage", fake_sample_stage)
+    embeds, mask, _ = _embeds(2, 5)
+    assert not mask.all()
+    for kept in (True, False):
+        program.sample_cascade(stages, params, jnp.asarray(embeds), jnp.asarray(mask),
+                               jax.random.PRNGKey(0), padding_kept=kept)
+        for name in ("if_I", "if_II"):
+            np.testing.assert_array_equal(seen[name], embeds)
+        want = np.where(mask[..., None], embeds, 0.0) if kept else embeds
+        np.testing.assert_array_equal(seen["ours"], want)
