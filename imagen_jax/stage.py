@@ -379,7 +379,7 @@ def abstract_params(stage: Stage) -> PyTree:
 # -------------------------------------------------------------------------------------------
 
 
-def _conditions(
+def model_conditions(
     stage: Stage,
     text_embeds: jax.Array,
     text_mask: jax.Array,
@@ -462,7 +462,7 @@ def sample_stage(
             raise CascadeError(f"SR stage {stage.name!r} needs low-resolution input images")
         rng, aug_rng = jax.random.split(rng)
         lowres, level = _augment_lowres(stage, lowres, aug_rng, schedule)
-    cond, uncond = _conditions(stage, text_embeds, text_mask, null_embeds, lowres, level)
+    cond, uncond = model_conditions(stage, text_embeds, text_mask, null_embeds, lowres, level)
     variables = {"params": params}
 
     def apply(x, t, condition):

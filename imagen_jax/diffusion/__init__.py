@@ -22,6 +22,11 @@ from imagen_jax.diffusion.discrete import (
     resize_bilinear_align_corners,
     sample_learned_range,
 )
+from imagen_jax.diffusion.discrete_losses import (
+    HYBRID_VLB_WEIGHT,
+    discrete_logsnr,
+    hybrid_loss_per_example,
+)
 from imagen_jax.diffusion.guidance import (
     DEFAULT_COND_DROP_PROB,
     drop_text_condition,
@@ -88,6 +93,9 @@ __all__ = [
     "resize_bilinear_align_corners",
     "respaced_timesteps",
     "sample_learned_range",
+    "HYBRID_VLB_WEIGHT",
+    "discrete_logsnr",
+    "hybrid_loss_per_example",
     "DEFAULT_COND_DROP_PROB",
     "DEFAULT_NUM_STEPS",
     "DEFAULT_PERCENTILE",

@@ -23,6 +23,8 @@ import json
 import os
 from typing import Any
 
+import gin
+
 from imagen_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -76,6 +78,7 @@ _FIELDS_FROM_JSON = (
 )
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class IFUNetConfig:
     """A DeepFloyd IF U-Net's architecture (diffusers field names; lists are tuples).

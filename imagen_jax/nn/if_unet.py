@@ -24,6 +24,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 
@@ -194,6 +195,7 @@ _REMAT_RES_BLOCK = nn.remat(IFResBlock)
 _REMAT_ATTENTION = nn.remat(AddedKVAttention)
 
 
+@gin.configurable
 class IFUNet(nn.Module):
     """DeepFloyd IF U-Net (stage I or II, from `IFUNetConfig`) predicting eps and the
     learned-range variance value.

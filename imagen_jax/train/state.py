@@ -78,11 +78,16 @@ def init_train_state(
     seed: int,
     mesh: Mesh,
     rules: partitioning.LogicalRules,
+    params: Any | None = None,
 ) -> tuple[TrainState, TrainState]:
-    """Initialises the state directly into its shards; returns (state, state shardings)."""
+    """Initialises the state directly into its shards; returns (state, state shardings).
+
+    ``params`` (e.g. imported weights, already sharded like the state's params) replaces the
+    random initialisation: params and EMA both start from them, the optimizer from scratch.
+    """
     init_fn, shardings = _state_init_fn_and_shardings(model, tx, stage, mesh, rules)
     with partitioning.mesh_context(mesh), nn.logical_axis_rules(tuple(rules)):
-        state = jax.jit(init_fn, out_shardings=shardings)(jnp.asarray(seed, jnp.uint32))
+        state = jax.jit(init_fn, out_shardings=shardings)(jnp.asarray(seed, jnp.uint32), params)
     return state, shardings
 
 
@@ -136,8 +141,9 @@ def _state_init_fn_and_shardings(
         skipped_steps=replicated,
     )
 
-    def init_fn(seed):
-        params = nn.meta.unbox(init_params(seed))
+    def init_fn(seed, params=None):
+        if params is None:
+            params = nn.meta.unbox(init_params(seed))
         params = jax.tree.map(lambda p: p.astype(jnp.float32), params)  # float32 master copy
         return TrainState(
             step=jnp.zeros((), jnp.int32),

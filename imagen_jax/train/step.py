@@ -2,11 +2,19 @@
 
 `make_train_step` returns a pure function `(state, batch) -> (state, metrics)`; the trainer jits
 it with explicit in/out shardings and donates the state.
+
+A discrete stage (DeepFloyd IF, ``Stage.schedule="discrete"``) trains as IF's U-Nets were
+trained: integer t ~ U{0..T-1}, x_t from the `DiscreteSchedule` table, the model called with
+IF's contract (`imagen_jax.stage.model_conditions`, as sampling calls it), dropped texts replaced
+by the encoded empty prompt (``batch["null_embeds"]``), and the hybrid loss that also trains the
+learned-range variance (`imagen_jax.diffusion.hybrid_loss_per_example`). `check_trainable` says
+which stage options the trainer does not implement for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +26,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from imagen_jax import diffusion, partitioning
-from imagen_jax.stage import Stage
+from imagen_jax.errors import ConfigError
+from imagen_jax.stage import Stage, model_conditions, model_inputs
 from imagen_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -37,18 +46,24 @@ class StepConfig:
       ema_warmup: use decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so early EMA
         weights are not dominated by the random initialisation.
       logsnr_bucket_edges: the loss is also reported per log-SNR bucket (edges in nats).
+      vlb_weight: lambda of the hybrid loss ``L_simple + lambda L_vlb`` of discrete
+        (learned-variance) stages (Improved DDPM Sec. 3.1 and IF: 0.001); unused otherwise.
     """
 
     num_micro_batches: int = 1
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     logsnr_bucket_edges: Sequence[float] = (-10.0, -5.0, 0.0, 5.0, 10.0)
+    vlb_weight: float = diffusion.HYBRID_VLB_WEIGHT
 
     def __post_init__(self):
         if self.num_micro_batches < 1:
             raise ValueError(f"StepConfig.num_micro_batches={self.num_micro_batches} must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"StepConfig.ema_decay={self.ema_decay} must lie in [0, 1)")
+        if not 0.0 <= self.vlb_weight < float("inf"):
+            raise ValueError(f"StepConfig.vlb_weight={self.vlb_weight} must be finite and >= 0 "
+                             "(Improved DDPM: 0.001)")
 
 
 def ema_decay_at(num_updates: jax.Array, config: StepConfig) -> jax.Array:
@@ -117,6 +132,8 @@ def make_prepare_fn(stage: Stage) -> Callable[[Batch, jax.Array], Batch]:
     here for the full batch, before micro-batching: the result is the same for any number of
     micro-batches and any mesh (jax's partitionable threefry).
     """
+    if stage.is_discrete:
+        return _make_discrete_prepare_fn(stage)
     schedule = stage.get_schedule()
     aug_schedule = stage.get_aug_schedule() if stage.is_super_res else None
 
@@ -145,8 +162,101 @@ def make_prepare_fn(stage: Stage) -> Callable[[Batch, jax.Array], Batch]:
     return prepare
 
 
+def _make_discrete_prepare_fn(stage: Stage) -> Callable[[Batch, jax.Array], Batch]:
+    """`make_prepare_fn` of a discrete stage: integer t, IF's text dropping and low-res input.
+
+    Reads ``batch["null_embeds"]`` float [L, D], the encoded empty prompt (the trainer's). The
+    prepared ``text_embeds`` and, for SR, ``lowres`` (at the training resolution) and
+    ``noise_level`` int32 are the model's conditions (`model_conditions`).
+    """
+    schedule = stage.get_schedule()
+    num_steps = schedule.num_train_timesteps
+    # IF's training code is not public: our choice, like the continuous stages' U(0, max), is an
+    # integer level uniform on [0, train_aug_max * T] (capped at the last timestep, T - 1).
+    max_level = min(math.floor(stage.train_aug_max * num_steps), num_steps - 1)
+
+    def prepare(batch, rng):
+        rng_t, rng_eps, rng_drop, rng_aug, rng_aug_noise = jax.random.split(rng, 5)
+        if "null_embeds" not in batch:
+            raise ConfigError(f"discrete stage {stage.name!r}: the train batch lacks "
+                              "'null_embeds' (the encoded empty prompt, float [L, D])")
+        x0 = batch["image"].astype(jnp.float32)  # [B, H, W, 3] in [-1, 1]
+        b = x0.shape[0]
+        t = jax.random.randint(rng_t, (b,), 0, num_steps, jnp.int32)
+        eps = jax.random.normal(rng_eps, x0.shape, jnp.float32)
+        lowres = level = None
+        if stage.is_super_res:
+            level = jax.random.randint(rng_aug, (b,), 0, max_level + 1, jnp.int32)
+            lowres, level = diffusion.noise_augment_upsampled(
+                batch["lowres"].astype(jnp.float32), x0.shape[1], level, rng_aug_noise, schedule)
+        cond, uncond = model_conditions(stage, batch["text_embeds"].astype(jnp.float32), None,
+                                        batch["null_embeds"], lowres, level)
+        # IF's model card: 10% of the texts dropped to the empty prompt (cond_drop_prob).
+        keep = jax.random.bernoulli(rng_drop, 1.0 - stage.cond_drop_prob, (b,))
+        (embeds,), kwargs = jax.tree.map(
+            lambda c, u: jnp.where(keep.reshape((b,) + (1,) * (c.ndim - 1)), c, u), cond, uncond)
+        out = {"x0": x0, "eps": eps, "t": t, "text_embeds": embeds,
+               "x_t": diffusion.add_discrete_noise(x0, eps, t, schedule)}
+        if stage.is_super_res:
+            out["lowres"], out["noise_level"] = kwargs["lowres"], kwargs["noise_level"]
+        return out
+
+    return prepare
+
+
+def _make_discrete_loss_fn(
+    stage: Stage, config: StepConfig
+) -> Callable[..., tuple[jax.Array, Metrics]]:
+    """`make_loss_fn` of a discrete stage: the hybrid loss (eps-MSE + lambda T L_t, which trains
+    the variance channels), the model called as `sample_stage` calls it."""
+    schedule = stage.get_schedule()
+    num_buckets = len(config.logsnr_bucket_edges) + 1
+
+    def loss_fn(params, mb, rng):
+        (args, kwargs), _ = model_conditions(stage, mb["text_embeds"], None, None,
+                                             mb.get("lowres"), mb.get("noise_level"))
+        out = stage.model.apply({"params": params}, mb["x_t"], mb["t"], *args, train=True,
+                                rngs={"dropout": rng}, **kwargs).astype(jnp.float32)
+        loss_ex, _, _ = diffusion.hybrid_loss_per_example(
+            out, mb["x0"], mb["x_t"], mb["eps"], mb["t"], schedule, config.vlb_weight)
+        bucket = _bucket_index(diffusion.discrete_logsnr(mb["t"], schedule),
+                               config.logsnr_bucket_edges)
+        onehot = jax.nn.one_hot(bucket, num_buckets, dtype=jnp.float32)
+        return loss_ex.mean(), {"bucket_loss_sum": onehot.T @ loss_ex,
+                                "bucket_count": onehot.sum(0)}
+
+    return loss_fn
+
+
+def check_trainable(stage: Stage) -> None:
+    """Raises `ConfigError` (one line: the option and the fix) for a stage option the train step
+    does not implement. Continuous stages: everything. Discrete (IF) stages: eps prediction,
+    uniform weighting, no train_crop, a model predicting eps and v (2 x 3 channels)."""
+    if not stage.is_discrete:
+        return
+    where = f"discrete stage {stage.name!r}"
+    if stage.prediction != "eps":
+        raise ConfigError(f"{where}: Stage.prediction={stage.prediction!r} cannot be trained; "
+                          "the learned-range models (IF) predict eps: set Stage.prediction='eps'")
+    if stage.loss_weighting != "uniform":
+        raise ConfigError(f"{where}: Stage.loss_weighting={stage.loss_weighting!r} is not "
+                          "implemented for the hybrid loss; set Stage.loss_weighting='uniform'")
+    if stage.train_crop is not None:
+        raise ConfigError(f"{where}: Stage.train_crop is not implemented (IF upsamples the whole "
+                          "low-res image, align-corners); set Stage.train_crop=None")
+    inputs = model_inputs(stage)
+    out = jax.eval_shape(lambda: stage.model.init_with_output(jax.random.PRNGKey(0), **inputs)[0])
+    want = (*inputs["x"].shape[:-1], 2 * inputs["x"].shape[-1])
+    if tuple(out.shape) != want:
+        raise ConfigError(f"{where}: the model outputs {tuple(out.shape)}, the hybrid loss needs "
+                          f"eps and the variance value, {want}; use a learned-variance model "
+                          "(IFUNet with out_channels=6)")
+
+
 def make_loss_fn(stage: Stage, config: StepConfig) -> Callable[..., tuple[jax.Array, Metrics]]:
     """`loss_fn(params, prepared micro-batch, rng) -> (mean loss, aux)`."""
+    if stage.is_discrete:
+        return _make_discrete_loss_fn(stage, config)
     model = stage.model
     schedule = stage.get_schedule()
     num_buckets = len(config.logsnr_bucket_edges) + 1
@@ -187,10 +297,12 @@ def make_train_step(
     """Builds `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
     `batch` holds the global batch: `image` [B, H, W, 3], `text_embeds` [B, L, D], `text_mask`
-    [B, L] and, for SR stages, `lowres` [B, h, w, 3] (clean; noise augmentation happens here).
+    [B, L] and, for SR stages, `lowres` [B, h, w, 3] (clean; noise augmentation happens here);
+    for a discrete stage also `null_embeds` [L, D] (replicated), the encoded empty prompt.
     A step whose loss or gradient norm is not finite leaves params, EMA and optimizer state
     untouched and increments `bad_steps` (consecutive) and `skipped_steps` (total).
     """
+    check_trainable(stage)
     prepare = make_prepare_fn(stage)
     loss_fn = make_loss_fn(stage, config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -283,6 +395,11 @@ def jit_train_step(
     )
 
 
+# Batch entries that are one array for the whole batch (no batch axis): replicated.
+UNBATCHED_KEYS = ("null_embeds",)
+
+
 def batch_shardings(batch_shapes: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
-    """Leading-axis (batch) shardings for every array of a batch."""
-    return {k: partitioning.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
+    """Leading-axis (batch) shardings for every array of a batch; `UNBATCHED_KEYS` replicated."""
+    return {k: NamedSharding(mesh, PartitionSpec()) if k in UNBATCHED_KEYS
+            else partitioning.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}

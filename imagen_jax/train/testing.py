@@ -53,8 +53,17 @@ def gin_model_bindings(model: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Seeds `SyntheticIterator.null_embeds` apart from every batch's (seed, host, index) stream.
+NULL_EMBEDS_STREAM = 0xE0
+
+
 class SyntheticIterator(Iterator[dict[str, np.ndarray]]):
-    """Host-local batches with `get_state`/`set_state` (checkpointed by the trainer)."""
+    """Host-local batches with `get_state`/`set_state` (checkpointed by the trainer).
+
+    With embeddings (not tokens) it also has ``null_embeds`` float32 [L, D], random from the
+    seed alone (the same on every host): its "encoding of the empty prompt", which a discrete
+    stage's trainer reads (`imagen_jax.train.trainer.null_embeds_for`).
+    """
 
     def __init__(self, *, batch_size: int, resolution: int, lowres_resolution: int | None,
                  text_length: int, text_embed_dim: int, process_index: int = 0,
@@ -65,6 +74,9 @@ class SyntheticIterator(Iterator[dict[str, np.ndarray]]):
         self.process_index, self.process_count, self.seed = process_index, process_count, seed
         self.tokens, self.vocab_size, self.nan_at = tokens, vocab_size, tuple(nan_at)
         self.index = 0
+        self.null_embeds = None if tokens else np.random.default_rng(
+            (seed, NULL_EMBEDS_STREAM)).standard_normal((text_length, text_embed_dim)).astype(
+                np.float32)
 
     def __next__(self) -> dict[str, np.ndarray]:
         rng = np.random.default_rng((self.seed, self.process_index, self.index))

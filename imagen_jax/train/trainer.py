@@ -32,6 +32,8 @@ from imagen_jax import gin_utils, partitioning
 from imagen_jax.data import pipeline
 from imagen_jax.data.embed_cache import masked_encode_fn
 from imagen_jax.errors import ConfigError, TrainingError
+from imagen_jax.nn import IFUNet, load_if_unet
+from imagen_jax.nn.if_weights import DiffusersUNetDir
 from imagen_jax.stage import Stage, sample_stage
 from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train.checkpoint import CheckpointConfig, Checkpointer
@@ -43,7 +45,13 @@ from imagen_jax.train.state import (
     init_train_state,
     param_shapes,
 )
-from imagen_jax.train.step import StepConfig, batch_shardings, jit_train_step, make_train_step
+from imagen_jax.train.step import (
+    StepConfig,
+    batch_shardings,
+    check_trainable,
+    jit_train_step,
+    make_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,10 @@ class TrainConfig:
       max_bad_steps: stop after this many consecutive non-finite steps.
       peak_flops_per_device: for MFU in the metrics (e.g. 989e12 for an H100 in bf16); None: no MFU.
       progress_bar: show a tqdm bar on process 0.
+      init_from: where a new run's parameters (and EMA) start instead of a random init:
+        ``"if:PATH"``, a DeepFloyd IF U-Net in diffusers' layout (PATH: its ``unet/`` directory
+        or the model directory holding one), whose config.json must describe ``Stage.model``
+        (an `IFUNet`). None: random. A run resuming from its own checkpoint ignores it.
     """
 
     batch_size: int = 2048
@@ -79,11 +91,79 @@ class TrainConfig:
     max_bad_steps: int = 20
     peak_flops_per_device: float | None = None
     progress_bar: bool = True
+    init_from: str | None = None
 
     def __post_init__(self):
         for name in ("batch_size", "num_steps", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.init_from is not None and not self.init_from.startswith(IF_INIT_PREFIX):
+            raise ConfigError(f"TrainConfig.init_from={self.init_from!r}: expected "
+                              f"'{IF_INIT_PREFIX}PATH' (a diffusers DeepFloyd IF U-Net) or None")
+
+
+# `TrainConfig.init_from` of a DeepFloyd IF U-Net in diffusers' layout (as `launch.sample
+# --stages=if:PATH` names one), and the subdirectory of a diffusers model directory holding it.
+IF_INIT_PREFIX = "if:"
+DIFFUSERS_UNET_SUBDIR = "unet"
+
+
+def imported_if_params(init_from: str, stage: Stage, shardings: Any) -> Any:
+    """The float32 parameters of ``TrainConfig.init_from = "if:PATH"``, each tensor read
+    straight into its shard (`load_if_unet`; ``shardings``: the state's params shardings).
+
+    Raises ConfigError (one line) unless ``stage.model`` is an `IFUNet` whose config equals the
+    directory's config.json, CheckpointError for a missing directory or bad tensors.
+    """
+    path = init_from[len(IF_INIT_PREFIX):]
+    if os.path.isdir(os.path.join(path, DIFFUSERS_UNET_SUBDIR)):
+        path = os.path.join(path, DIFFUSERS_UNET_SUBDIR)
+    if not isinstance(stage.model, IFUNet):
+        raise ConfigError(f"TrainConfig.init_from={init_from!r} imports an IF U-Net, but "
+                          f"Stage.model is a {type(stage.model).__name__}; bind "
+                          "Stage.model = @IFUNet() (gin_configs/if/)")
+    source = DiffusersUNetDir(path)
+    ours, theirs = dataclasses.asdict(stage.model.config), dataclasses.asdict(source.config)
+    differ = [k for k in ours if _as_tuples(ours[k]) != _as_tuples(theirs[k])]
+    if differ:
+        k = differ[0]
+        raise ConfigError(f"TrainConfig.init_from={init_from!r}: IFUNetConfig.{k}={ours[k]!r} "
+                          f"in gin, {theirs[k]!r} in its config.json ({len(differ)} fields "
+                          "differ); bind the directory's config in gin")
+    return load_if_unet(source, shardings=shardings)[1]
+
+
+def _as_tuples(x: Any) -> Any:
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def null_embeds_for(stage: Stage, data_iter: Any, text_encoder: Any | None,
+                    encode_fn: EncodeFn | None) -> np.ndarray | None:
+    """The encoded empty prompt float32 [L, D] a discrete stage's dropped texts become (None for
+    a continuous stage, whose null condition is zeros).
+
+    With a text encoder it is ``encode_fn`` of the encoder's tokens of ``""``, the same path as
+    the training texts; with precomputed embeddings the data iterator provides it as its
+    ``null_embeds`` attribute (the data layer owns the text encoding; DESIGN.md). Raises
+    ConfigError when neither can, or for a shape other than the stage's [L, D].
+    """
+    if not stage.is_discrete:
+        return None
+    if text_encoder is not None and encode_fn is not None:
+        ids, mask = text_encoder.tokenize([""])
+        null = np.asarray(jax.device_get(encode_fn(np.asarray(ids), np.asarray(mask))))[0]
+    else:
+        null = getattr(data_iter, "null_embeds", None)
+    if null is None:
+        raise ConfigError(
+            f"discrete stage {stage.name!r} trains its unconditional branch on the encoded empty "
+            "prompt: pass train.text_encoder (on-the-fly encoding) or a data_fn whose iterator "
+            "has null_embeds (the embedding of '' as its data was encoded)")
+    null = np.asarray(null, np.float32)
+    if null.shape != (stage.text_length, stage.text_embed_dim):
+        raise ConfigError(f"the encoded empty prompt has shape {null.shape}; the stage reads "
+                          f"[{stage.text_length}, {stage.text_embed_dim}] text embeddings")
+    return null
 
 
 @gin.configurable
@@ -274,6 +354,7 @@ def train(
     except ValueError as e:
         raise ConfigError(str(e)) from e
     check_batch_divides_mesh(config.batch_size, step_config.num_micro_batches, mesh)
+    check_trainable(stage)
     lr_schedule = learning_rate_schedule()
     tx = make_optimizer(lr_schedule)
     if text_encoder is not None and encode_fn is None:
@@ -302,8 +383,11 @@ def train(
         state = ckpt.restore(abstract_state, data_iter)
         log.info("resuming from %s step %d", ckpt.directory, ckpt.restored_step)
     else:
-
-        state, _ = init_train_state(stage.model, tx, stage, config.seed, mesh, rules)
+        imported = None
+        if config.init_from is not None:
+            imported = imported_if_params(config.init_from, stage, state_shardings.params)
+            log.info("parameters and EMA start from %s", config.init_from)
+        state, _ = init_train_state(stage.model, tx, stage, config.seed, mesh, rules, imported)
     start_step = int(jax.device_get(state.step))
     num_params = count_params(abstract_state.params)
     log.info("stage with %.1fM parameters, start step %d", num_params / 1e6, start_step)
@@ -312,7 +396,12 @@ def train(
     first_batch = next(data_iter)
     check_batch(first_batch, stage, local_batch, encode=encode_fn is not None)
     batch_specs = global_batch_specs(first_batch, stage, config.batch_size)
+    null_embeds = null_embeds_for(stage, data_iter, text_encoder, encode_fn)
+    if null_embeds is not None:  # one replicated array of every step's batch
+        batch_specs["null_embeds"] = jax.ShapeDtypeStruct(null_embeds.shape, jnp.float32)
     shardings = batch_shardings(batch_specs, mesh)
+    if null_embeds is not None:
+        null_embeds = jax.device_put(null_embeds, shardings["null_embeds"])
     ids_sharding = partitioning.batch_sharding(mesh, 2)
     step_fn = make_train_step(stage, tx, lr_schedule, step_config, mesh, rules)
     with partitioning.mesh_context(mesh):
@@ -325,7 +414,7 @@ def train(
 
     # ---- Outputs.
     writer = metrics_lib.MetricWriter(workdir)
-    sampler = _SampleGrid(stage, config, mesh) if config.sample_every else None
+    sampler = _SampleGrid(stage, config, mesh, null_embeds) if config.sample_every else None
     if is_main:
         with open(os.path.join(workdir, "config.gin"), "w") as f:
             f.write(gin_utils.operative_config())
@@ -362,6 +451,8 @@ def train(
                 embeds = encode_fn(ids["text_ids"], ids["text_mask"])
             host_batch = {k: v for k, v in host_batch.items() if k in batch_specs}
             batch = _to_global(host_batch, shardings, config.batch_size)
+            if null_embeds is not None:
+                batch["null_embeds"] = null_embeds
             if encode_fn is not None:
                 batch["text_embeds"] = jax.device_put(
                     jnp.asarray(embeds, jnp.float32), shardings["text_embeds"])
@@ -438,10 +529,11 @@ def _progress_bar(config: TrainConfig, start: int, enabled: bool) -> Any:
 class _SampleGrid:
     """Periodic sample grids from the EMA params on fixed examples (the first data batch)."""
 
-    def __init__(self, stage: Stage, config: TrainConfig, mesh: Mesh):
+    def __init__(self, stage: Stage, config: TrainConfig, mesh: Mesh,
+                 null_embeds: jax.Array | None = None):
         # Sampled at the stage's own settings except for the step count (a cheap preview).
         self.stage = stage.replace(name="train").with_sampling(num_steps=config.sample_steps)
-        self.num_samples, self.mesh = config.num_samples, mesh
+        self.num_samples, self.mesh, self.null_embeds = config.num_samples, mesh, null_embeds
         self.batch: dict[str, np.ndarray] | None = None
         self._fn = None
 
@@ -461,11 +553,13 @@ class _SampleGrid:
     def write(self, step: int, ema_params: Any, writer: metrics_lib.MetricWriter,
               workdir: str) -> None:
         if self._fn is None:
-            self._fn = jax.jit(lambda params, embeds, mask, lowres: sample_stage(
-                self.stage, params, embeds, mask, jax.random.PRNGKey(0), lowres=lowres))
+            self._fn = jax.jit(lambda params, embeds, mask, lowres, null: sample_stage(
+                self.stage, params, embeds, mask, jax.random.PRNGKey(0), lowres=lowres,
+                null_embeds=null))
         b = self.batch
         with partitioning.mesh_context(self.mesh):
-            images = self._fn(ema_params, b["text_embeds"], b["text_mask"], b.get("lowres"))
+            images = self._fn(ema_params, b["text_embeds"], b["text_mask"], b.get("lowres"),
+                              self.null_embeds)
         grid = metrics_lib.image_grid(np.asarray(jax.device_get(images)))
         writer.write_image(step, "samples", grid)
         if jax.process_index() == 0:
