@@ -17,7 +17,7 @@ import jax
 from absl import app, flags
 
 from imagen_jax import gin_utils
-from imagen_jax.train.checkpoint import CheckpointMismatchError
+from imagen_jax.errors import CheckpointError
 from imagen_jax.train.trainer import ConfigError, TrainingError, train
 from launch import shared_flags as sf
 
@@ -55,9 +55,10 @@ def main(argv: list[str]) -> None:
 
     try:
         train(FLAGS.workdir)
-    except (ConfigError, CheckpointMismatchError, TrainingError) as e:
-        # Configuration problems and a diverged run (max_bad_steps) stop without a traceback:
-        # the message names the fix. Its first line only: gin appends "In call to configurable".
+    except (ConfigError, CheckpointError, TrainingError) as e:
+        # Configuration problems, unusable checkpoints or imported weights (TrainConfig.init_from)
+        # and a diverged run (max_bad_steps) stop without a traceback: the message names the fix.
+        # Its first line only: gin appends "In call to configurable".
         raise SystemExit(f"launch.train: {str(e).splitlines()[0]}") from None
 
 

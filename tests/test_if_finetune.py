@@ -28,9 +28,10 @@ import pytest
 import torch
 
 from imagen_jax import gin_utils, partitioning
-from imagen_jax.errors import ConfigError
+from imagen_jax.cascade.loading import load_stage
+from imagen_jax.errors import CheckpointError, ConfigError
 from imagen_jax.nn import IFUNetConfig, load_if_unet
-from imagen_jax.stage import Stage
+from imagen_jax.stage import Stage, model_inputs
 from imagen_jax.train import optim, state, step, trainer
 from imagen_jax.train.testing import synthetic_data, tiny_test_stage
 from tests.support import REPO, leaves_equal, subprocess_env
@@ -60,7 +61,7 @@ SYNTHETIC = [
     "--gin.synthetic_data.text_embed_dim=32", "--gin.TrainConfig.progress_bar=False",
     "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.batch_size=4",
 ]
-STEPS = ["--gin.TrainConfig.num_steps=6", "--gin.CheckpointConfig.save_every=2",
+STEPS = ["--gin.TrainConfig.num_steps=4", "--gin.CheckpointConfig.save_every=2",
          "--gin.CheckpointConfig.keep=10"]
 
 
@@ -97,8 +98,9 @@ def test_the_tiny_if_gin_configs_are_the_diffusers_networks():
 
 
 def test_discrete_sr_step_inputs_follow_ifs_contract():
-    stage = _gin_stage(GIN_II, "Stage.train_aug_max = 0.3", "Stage.cond_drop_prob = 0.5")
-    batch = next(synthetic_data(batch_size=16, resolution=64, lowres_resolution=16,
+    stage = _gin_stage(GIN_II, "Stage.train_aug_max = 0.3", "Stage.cond_drop_prob = 0.5",
+                       "RESOLUTION = 32", "LOWRES_RESOLUTION = 8")  # 8 -> 32: a quick compile
+    batch = next(synthetic_data(batch_size=16, resolution=32, lowres_resolution=8,
                                 text_length=TEXT_LENGTH, text_embed_dim=32))
     null = np.full((TEXT_LENGTH, 32), 7.0, np.float32)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items() if k != "id"}
@@ -107,10 +109,15 @@ def test_discrete_sr_step_inputs_follow_ifs_contract():
     assert out["t"].dtype == jnp.int32 and out["noise_level"].dtype == jnp.int32
     assert 0 <= int(out["t"].min()) and int(out["t"].max()) < 1000
     assert int(out["noise_level"].max()) <= 300  # train_aug_max * T
-    assert out["lowres"].shape == (16, 64, 64, 3)  # upsampled to the stage's side
+    assert out["lowres"].shape == (16, 32, 32, 3)  # upsampled to the stage's side
     dropped = np.all(np.asarray(out["text_embeds"]) == 7.0, axis=(1, 2))
     kept = np.all(np.asarray(out["text_embeds"]) == batch["text_embeds"], axis=(1, 2))
     assert np.all(dropped ^ kept) and 0 < dropped.sum() < 16  # rows: the text or the null
+    # The loss calls the stage II model with them (IF's contract) and is finite.
+    params = jax.jit(stage.model.init)(jax.random.PRNGKey(0), **model_inputs(stage))["params"]
+    loss_fn = step.make_loss_fn(stage, step.StepConfig())
+    loss, aux = jax.jit(loss_fn)(params, out, jax.random.PRNGKey(1))
+    assert np.isfinite(float(loss)) and float(aux["bucket_count"].sum()) == 16
 
 
 def test_params_and_ema_start_from_the_imported_weights(if_dir):
@@ -147,8 +154,37 @@ def test_unsupported_discrete_training_is_refused_in_one_line(if_dir):
         trainer.imported_if_params(f"if:{if_dir}", sr, None)
     with pytest.raises(ConfigError, match="Stage.model is a BaseUNet"):
         trainer.imported_if_params(f"if:{if_dir}", tiny_test_stage(), None)
+    with pytest.raises(CheckpointError, match="does not exist") as e:  # launch.train: one line
+        trainer.imported_if_params(f"if:{if_dir}/absent", stage, None)
+    assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="expected 'if:PATH'"):
         trainer.TrainConfig(init_from=str(if_dir))
+
+
+class _Tokenizer:
+    """Token ids of '' as a T5 tokenizer gives them: EOS (1), then padding."""
+
+    def tokenize(self, texts):
+        mask = np.arange(TEXT_LENGTH)[None] < 1
+        return mask.astype(np.int32), mask
+
+
+def test_the_empty_prompt_is_encoded_like_the_training_texts():
+    stage = _gin_stage(GIN_I)
+
+    def encode_fn(ids, mask):  # the trainer's masked_encode_fn shape: zeros at padding
+        return jnp.where(jnp.asarray(mask)[..., None], 3.0 + jnp.asarray(ids)[..., None], 0.0
+                         ) * jnp.ones((1, TEXT_LENGTH, 32))
+
+    null = trainer.null_embeds_for(stage, None, _Tokenizer(), encode_fn)
+    assert null.shape == (TEXT_LENGTH, 32) and null.dtype == np.float32
+    assert np.all(null[0] == 4.0) and not np.any(null[1:])
+    data = synthetic_data(batch_size=2, text_length=TEXT_LENGTH)  # precomputed embeddings
+    np.testing.assert_array_equal(trainer.null_embeds_for(stage, data, None, None),
+                                  data.null_embeds)
+    assert trainer.null_embeds_for(tiny_test_stage(), data, None, None) is None
+    with pytest.raises(ConfigError, match=r"has shape \(6, 32\); the stage reads \[8, 32\]"):
+        trainer.null_embeds_for(stage, synthetic_data(batch_size=2, text_length=6), None, None)
 
 
 # ---- Must show 5: launch.train fine-tunes imported IF weights; kill -9 and resume is exact.
@@ -178,16 +214,21 @@ def test_finetune_imported_if_stage_kill9_resume_is_bit_exact(if_dir, tmp_path):
     resumed = _run(env, broken, if_dir)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming from" in resumed.stderr
-    a, b = saved_state(whole, 6), saved_state(broken, 6)
-    assert int(np.asarray(b["step"])) == 6
+    a, b = saved_state(whole, 4), saved_state(broken, 4)
+    assert int(np.asarray(b["step"])) == 4
     for key in ("params", "ema_params", "opt_state"):
         leaves_equal(a[key], b[key])
 
     with open(os.path.join(whole, "metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f]
-    assert len(losses) == 6 and np.all(np.isfinite(losses))
+    assert len(losses) == 4 and np.all(np.isfinite(losses))
     # The head's variance channels (the last 3 outputs of conv_out) were trained, as were eps'.
     _, imported = load_if_unet(os.path.join(if_dir, "unet"))
     kernel = np.asarray(a["params"]["conv_out"]["conv"]["kernel"])
     moved = np.abs(kernel - np.asarray(imported["conv_out"]["conv"]["kernel"])).max(axis=(0, 1, 2))
     assert np.all(moved[3:] > 0) and np.all(moved[:3] > 0), moved
+    # The cascade loads the fine-tuned stage from its checkpoint record (its EMA params).
+    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tuned, ema = load_stage(whole, mesh=mesh, rules=())
+    assert tuned.is_discrete and tuned.model == _gin_stage(GIN_I).model
+    leaves_equal(ema, a["ema_params"])
