@@ -33,8 +33,9 @@ import numpy as np
 from absl import app, flags
 
 from imagen_jax import gin_utils
-from imagen_jax.cascade.loading import IF_PREFIX, if_stage, if_stage_name, if_unet_dir
+from imagen_jax.cascade.loading import if_stage, if_stage_name
 from imagen_jax.nn import BaseUNet, EfficientUNet, IFUNet, read_if_config
+from imagen_jax.nn.if_weights import if_unet_dir
 from imagen_jax.stage import Stage, abstract_params, model_inputs
 from launch import shared_flags as sf
 
@@ -76,7 +77,7 @@ def load_if_config_stage(path: str) -> Stage:
     """The stage of a DeepFloyd IF U-Net described by its diffusers config.json alone (``path``:
     the file, a ``unet/`` or model directory, optionally ``if:``-prefixed). ConfigError for a
     missing or unsupported config."""
-    path = if_unet_dir(path.removeprefix(IF_PREFIX))
+    path = if_unet_dir(path)
     name = if_stage_name(os.path.dirname(path) if os.path.isfile(path) else path)
     return if_stage(read_if_config(path), name=name)
 

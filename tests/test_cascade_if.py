@@ -248,6 +248,13 @@ def test_a_mixed_cascade_gives_our_stages_zeroed_padding(monkeypatch):
     with pytest.raises(cascade.CascadeError, match="different text encoders"):
         cascade.Cascade(stages[:2] + [ours.replace(text_fingerprint="t5-padkept-a")], params,
                         text_encoder=encoder)
+    # IF stages fine-tuned by our trainer record the kept-padding fingerprint: they chain with
+    # ours (same weights) and are checked in their own mode.
+    tuned = [s.replace(text_fingerprint="t5-padkept-a") for s in stages[:2]]
+    cascade.Cascade(tuned + [ours], params, text_encoder=encoder)
+    with pytest.raises(cascade.CascadeError, match="different text encoders"):
+        cascade.Cascade([s.replace(text_fingerprint="t5-a") for s in tuned] + [ours], params,
+                        text_encoder=encoder)
 
     seen = {}
 

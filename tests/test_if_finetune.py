@@ -29,6 +29,7 @@ import torch
 
 from imagen_jax import gin_utils, partitioning
 from imagen_jax.cascade.loading import load_stage
+from imagen_jax.data.embed_cache import masked_encode_fn
 from imagen_jax.errors import CheckpointError, ConfigError
 from imagen_jax.nn import IFUNetConfig, load_if_unet
 from imagen_jax.stage import Stage, model_inputs
@@ -159,6 +160,33 @@ def test_unsupported_discrete_training_is_refused_in_one_line(if_dir):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="expected 'if:PATH'"):
         trainer.TrainConfig(init_from=str(if_dir))
+
+
+class _Encoder:
+    """A text encoder as the trainer sees one: `encode` gives 1 everywhere, padding included."""
+
+    def __init__(self, zero_padding):
+        self.zero_padding = zero_padding
+
+    def encode(self, ids, mask):
+        return jnp.ones(ids.shape + (32,))
+
+
+def test_if_stages_train_on_t5_outputs_at_padded_positions(tmp_path):
+    """IF's pipelines feed T5's outputs at padded positions: the trainer refuses an encoder that
+    zeroes them for a discrete stage, and encodes with them kept (what the cascade samples with).
+    """
+    stage = _gin_stage(GIN_I)
+    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    with pytest.raises(ConfigError, match="bind load_t5.zero_padding = False") as e:
+        trainer.train(str(tmp_path), stage=stage, data_fn=None, text_encoder=_Encoder(True),
+                      config=trainer.TrainConfig(batch_size=2), mesh=mesh)
+    assert "bind load_t5" in str(e.value).splitlines()[0]  # gin appends its call site below
+    ids, mask = np.zeros((1, TEXT_LENGTH), np.int32), np.arange(TEXT_LENGTH)[None] < 2
+    kept = masked_encode_fn(_Encoder(False))(ids, mask)
+    zeroed = masked_encode_fn(_Encoder(True))(ids, mask)
+    assert np.all(np.asarray(kept) == 1.0)
+    np.testing.assert_array_equal(np.asarray(zeroed)[0, :, 0], mask[0].astype(np.float32))
 
 
 class _Tokenizer:

@@ -29,7 +29,7 @@ from imagen_jax.diffusion import (
 )
 from imagen_jax.errors import CascadeError, CheckpointError, ConfigError
 from imagen_jax.nn import IFUNet, IFUNetConfig, load_if_unet
-from imagen_jax.nn.if_weights import DiffusersUNetDir
+from imagen_jax.nn.if_weights import IF_PREFIX, IF_UNET_DIR, DiffusersUNetDir, if_unet_dir
 from imagen_jax.stage import Stage
 from imagen_jax.text import load_t5
 from imagen_jax.train.checkpoint import Checkpointer
@@ -41,10 +41,6 @@ PyTree = Any
 
 # What a user may override per stage at sampling time: the fields of the stage's SamplingConfig.
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
-# A `load_cascade` stage (``--stages=if:PATH``) that is a DeepFloyd IF U-Net in diffusers'
-# layout: PATH is its unet/ directory or the model directory holding one.
-IF_PREFIX = "if:"
-IF_UNET_DIR = "unet"
 IF_TEXT_LENGTH = 77  # IF's prompts: 77 T5-XXL tokens (its pipelines' max_length)
 IF_UPSCALE = 4  # IF-II's default low resolution: its sample_size / 4 (64 -> 256)
 IF_DTYPES = ("float32", "bfloat16")
@@ -126,13 +122,6 @@ def load_stage(
     finally:
         ckpt.close()
     return stage, params
-
-
-def if_unet_dir(path: str) -> str:
-    """The diffusers ``unet/`` directory ``path`` names: itself, or the model directory's
-    ``unet/`` (IF-I-XL-v1.0/ -> IF-I-XL-v1.0/unet)."""
-    inner = os.path.join(path, IF_UNET_DIR)
-    return inner if os.path.isdir(inner) else path
 
 
 def if_stage_name(unet_dir: str) -> str:

@@ -14,16 +14,23 @@ import jax.numpy as jnp
 
 from imagen_jax.errors import CascadeError
 from imagen_jax.stage import Stage, sample_stage
+from imagen_jax.text.encoder import PADDING_KEPT_TAG
 
 PyTree = Any
 
 
-def check_chain(stages: Sequence[Stage], text_fingerprint: str | None = None) -> None:
+def check_chain(
+    stages: Sequence[Stage],
+    text_fingerprint: str | Callable[[bool], str] | None = None,
+) -> None:
     """Raises ``CascadeError`` unless ``stages`` form a valid cascade (or a slice of one).
 
     Checks: only the first stage may be a base stage; every SR stage's low resolution equals the
-    previous stage's resolution; all stages were trained with the same text encoder (and with
-    ``text_fingerprint`` when given).
+    previous stage's resolution; all stages were trained with the same text encoder (the same
+    weights, vocabulary and length: a DeepFloyd IF stage fine-tuned with padding kept and one of
+    ours share the encoder) and, when given, with ``text_fingerprint``: a string, or the
+    encoder's ``fingerprint_for(zero_padding)``, which each stage is compared with in the padding
+    mode it is fed in (kept for discrete stages, zeroed for ours).
     """
     if not stages:
         raise CascadeError("the cascade has no stages; pass at least one stage")
@@ -51,16 +58,27 @@ def check_chain(stages: Sequence[Stage], text_fingerprint: str | None = None) ->
             "stages expect text embeddings of different sizes "
             f"({[s.text_embed_dim for s in stages]}); all stages must share one text encoder"
         )
-    prints = {s.text_fingerprint for s in stages if s.text_fingerprint is not None}
+    prints = {_encoder_weights(s.text_fingerprint) for s in stages
+              if s.text_fingerprint is not None}
+    mismatched = False
+    if callable(text_fingerprint):
+        mismatched = any(s.text_fingerprint not in (None, text_fingerprint(not s.is_discrete))
+                         for s in stages)
+        text_fingerprint = text_fingerprint(True)
     if text_fingerprint is not None:
-        prints.add(text_fingerprint)
-    if len(prints) > 1:
+        prints.add(_encoder_weights(text_fingerprint))
+    if len(prints) > 1 or mismatched:
         detail = ", ".join(f"{s.name or i}={s.text_fingerprint}" for i, s in enumerate(stages))
         extra = f", encoder={text_fingerprint}" if text_fingerprint is not None else ""
         raise CascadeError(
             f"stages were trained with different text encoders ({detail}{extra}); every stage "
             "must use the T5 checkpoint and max_length it was trained with"
         )
+
+
+def _encoder_weights(fingerprint: str) -> str:
+    """A text fingerprint without its padding mode: the encoder's weights, vocabulary, length."""
+    return fingerprint.replace(f"{PADDING_KEPT_TAG}-", "")
 
 
 def check_text_encoder(stages: Sequence[Stage], encoder: Any) -> None:

@@ -122,10 +122,10 @@ class Cascade:
         if len(params) != len(stages):
             raise CascadeError(f"got {len(stages)} stages but {len(params)} parameter trees")
         # Continuous stages read zeroed padding (`sample_cascade` zeroes it for them when the
-        # encoder keeps it for IF stages): compare them with the zeroed-mode fingerprint.
-        fingerprint_for = getattr(text_encoder, "fingerprint_for", None)
-        check_chain(stages, fingerprint_for(True) if fingerprint_for is not None
-                    else getattr(text_encoder, "fingerprint", None))
+        # encoder keeps it for IF stages), discrete ones kept padding: each stage is compared
+        # with the encoder's fingerprint in its own mode.
+        check_chain(stages, getattr(text_encoder, "fingerprint_for", None)
+                    or getattr(text_encoder, "fingerprint", None))
         if text_encoder is not None:
             check_text_encoder(stages, text_encoder)
         self._padding_kept = getattr(text_encoder, "zero_padding", True) is False

@@ -73,10 +73,16 @@ def masked_encode_fn(encoder: TextEncoderLike) -> Any:
     Returns:
       A function of (ids int32 [B, L], mask bool [B, L]) (numpy or global ``jax.Array``s) giving
       float32 embeddings with exact zeros at padded positions, i.e. the values the cache stores
-      and reads back, so a stage trains on the same inputs whether or not it uses a cache.
+      and reads back, so a stage trains on the same inputs whether or not it uses a cache. An
+      encoder built with ``zero_padding=False`` (DeepFloyd IF's convention) keeps its outputs at
+      padded positions: an IF stage trains on the inputs it is sampled with.
     """
+    keep_padding = getattr(encoder, "zero_padding", True) is False
+
     def encode(ids: Any, mask: Any) -> Any:
         embeds = jnp.asarray(encoder.encode(ids, mask), jnp.float32)
+        if keep_padding:
+            return embeds
         return jnp.where(jnp.asarray(mask, bool)[..., None], embeds, 0.0)
 
     return encode

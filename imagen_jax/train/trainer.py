@@ -33,7 +33,7 @@ from imagen_jax.data import pipeline
 from imagen_jax.data.embed_cache import masked_encode_fn
 from imagen_jax.errors import ConfigError, TrainingError
 from imagen_jax.nn import IFUNet, load_if_unet
-from imagen_jax.nn.if_weights import DiffusersUNetDir
+from imagen_jax.nn.if_weights import IF_PREFIX, DiffusersUNetDir, if_unet_dir
 from imagen_jax.stage import Stage, sample_stage
 from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train.checkpoint import CheckpointConfig, Checkpointer
@@ -97,15 +97,9 @@ class TrainConfig:
         for name in ("batch_size", "num_steps", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
-        if self.init_from is not None and not self.init_from.startswith(IF_INIT_PREFIX):
+        if self.init_from is not None and not self.init_from.startswith(IF_PREFIX):
             raise ConfigError(f"TrainConfig.init_from={self.init_from!r}: expected "
-                              f"'{IF_INIT_PREFIX}PATH' (a diffusers DeepFloyd IF U-Net) or None")
-
-
-# `TrainConfig.init_from` of a DeepFloyd IF U-Net in diffusers' layout (as `launch.sample
-# --stages=if:PATH` names one), and the subdirectory of a diffusers model directory holding it.
-IF_INIT_PREFIX = "if:"
-DIFFUSERS_UNET_SUBDIR = "unet"
+                              f"'{IF_PREFIX}PATH' (a diffusers DeepFloyd IF U-Net) or None")
 
 
 def imported_if_params(init_from: str, stage: Stage, shardings: Any) -> Any:
@@ -115,9 +109,7 @@ def imported_if_params(init_from: str, stage: Stage, shardings: Any) -> Any:
     Raises ConfigError (one line) unless ``stage.model`` is an `IFUNet` whose config equals the
     directory's config.json, CheckpointError for a missing directory or bad tensors.
     """
-    path = init_from[len(IF_INIT_PREFIX):]
-    if os.path.isdir(os.path.join(path, DIFFUSERS_UNET_SUBDIR)):
-        path = os.path.join(path, DIFFUSERS_UNET_SUBDIR)
+    path = if_unet_dir(init_from)
     if not isinstance(stage.model, IFUNet):
         raise ConfigError(f"TrainConfig.init_from={init_from!r} imports an IF U-Net, but "
                           f"Stage.model is a {type(stage.model).__name__}; bind "
@@ -358,6 +350,13 @@ def train(
     lr_schedule = learning_rate_schedule()
     tx = make_optimizer(lr_schedule)
     if text_encoder is not None and encode_fn is None:
+        # IF stages read T5's outputs at padded positions (its pipelines do not zero them), so
+        # they are fine-tuned on what they are sampled with (`cascade.check_text_encoder`).
+        if stage.is_discrete and getattr(text_encoder, "zero_padding", True):
+            raise ConfigError(
+                f"stage {stage.name or 'discrete'!r} (DeepFloyd IF) reads T5 outputs at padded "
+                "positions but train.text_encoder zeroes them; bind load_t5.zero_padding = False "
+                "(gin_configs/if/common.gin does)")
         encode_fn = masked_encode_fn(text_encoder)
         if stage.text_fingerprint and text_encoder.fingerprint != stage.text_fingerprint:
             raise ConfigError(
