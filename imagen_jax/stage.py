@@ -84,9 +84,10 @@ class Stage:
 
     Raises ConfigError (one line, naming the field and its valid range) for a missing model, an
     unknown prediction / weighting, an out-of-range setting, a discrete sampler on a continuous
-    schedule or the reverse, or a discrete SR stage's aug_level that is no whole noise level.
-    Sampling an SR stage at an ``aug_level`` above ``train_aug_max`` draws a warning (the model
-    never saw such inputs).
+    schedule or the reverse, a discrete SR stage's aug_level that is no whole noise level, or
+    text embeddings narrower or wider than an IF U-Net's ``encoder_hid_dim``. Sampling an SR
+    stage at an ``aug_level`` above ``train_aug_max`` draws a warning (the model never saw such
+    inputs).
     """
 
     model: nn.Module = gin.REQUIRED
@@ -182,6 +183,13 @@ class Stage:
                               f"{dict(self.schedule_kwargs)!r}: {e}") from None
         if self.is_super_res:
             noise_level_from_aug(self.sampling.aug_level, schedule)
+        # An IF U-Net projects text of its config's width (encoder_hid_dim: 4096, T5-XXL).
+        width = getattr(getattr(self.model, "config", None), "encoder_hid_dim", None)
+        if width is not None and width != self.text_embed_dim:
+            raise ConfigError(
+                f"stage {self.name!r}: Stage.text_embed_dim={self.text_embed_dim} but the IF "
+                f"U-Net reads {width}-wide text (its encoder_hid_dim); set TEXT_EMBED_DIM = "
+                f"{width} and use the T5 it was trained with")
 
     # -- derived values -----------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from absl import app, flags
 from imagen_jax import gin_utils
 from imagen_jax.cascade.loading import if_stage, if_stage_name
 from imagen_jax.nn import BaseUNet, EfficientUNet, IFUNet, read_if_config
-from imagen_jax.nn.if_weights import if_unet_dir
+from imagen_jax.nn.if_config import if_unet_dir
 from imagen_jax.stage import Stage, abstract_params, model_inputs
 from launch import shared_flags as sf
 

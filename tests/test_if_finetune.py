@@ -30,8 +30,9 @@ import torch
 from imagen_jax import gin_utils, partitioning
 from imagen_jax.cascade.loading import load_stage
 from imagen_jax.data.embed_cache import masked_encode_fn
+from imagen_jax.diffusion import IF_STAGE_I_SAMPLING, IF_STAGE_II_SAMPLING
 from imagen_jax.errors import CheckpointError, ConfigError
-from imagen_jax.nn import IFUNetConfig, load_if_unet
+from imagen_jax.nn import IFUNetConfig, load_if_unet, read_if_config
 from imagen_jax.stage import Stage, model_inputs
 from imagen_jax.train import optim, state, step, trainer
 from imagen_jax.train.testing import synthetic_data, tiny_test_stage
@@ -96,6 +97,34 @@ def test_the_tiny_if_gin_configs_are_the_diffusers_networks():
         assert stage.is_discrete and stage.sampling.sampler == "learned_range"
         assert stage.model.config == IFUNetConfig.from_diffusers(json.loads(json.dumps(config)))
         assert stage.resolution == config["sample_size"]
+
+
+def test_the_real_weight_if_configs_build_the_published_networks(if_dir, tmp_path):
+    """gin_configs/if/stage_{I,II}.gin (for IF's published weights) build the network the
+    directory's config.json describes, start from its weights and encode 77 tokens on the fly
+    with padding kept; sampling settings are IF's pipelines'."""
+    sr_dir = _save_if_unet(STAGE_II, tmp_path, seed=1)
+    cases = (("gin_configs/if/stage_I.gin", if_dir, IF_STAGE_I_SAMPLING),
+             ("gin_configs/if/stage_II.gin", sr_dir, IF_STAGE_II_SAMPLING))
+    for gin_file, model_dir, sampling in cases:
+        gin.clear_config()
+        try:
+            gin_utils.parse([gin_file], [f"IF_WEIGHTS = 'if:{model_dir}'"])
+            with pytest.raises(ConfigError, match="set TEXT_EMBED_DIM = 32"):  # tiny: 32 wide
+                gin.get_configurable("Stage")()
+            gin.clear_config()
+            gin_utils.parse([gin_file], [f"IF_WEIGHTS = 'if:{model_dir}'", "TEXT_EMBED_DIM = 32"])
+            stage = gin.get_configurable("Stage")()
+            config = trainer.TrainConfig()
+            zero_padding = gin.query_parameter("load_t5.zero_padding")
+        finally:
+            gin.clear_config()
+        assert stage.model.config == read_if_config(model_dir)
+        assert stage.is_discrete and stage.text_length == 77
+        assert config.init_from == f"if:{model_dir}"
+        assert zero_padding is False
+        assert {k: getattr(stage.sampling, k) for k in sampling} == sampling
+        step.check_trainable(stage)
 
 
 def test_discrete_sr_step_inputs_follow_ifs_contract():

@@ -29,7 +29,8 @@ from imagen_jax.diffusion import (
 )
 from imagen_jax.errors import CascadeError, CheckpointError, ConfigError
 from imagen_jax.nn import IFUNet, IFUNetConfig, load_if_unet
-from imagen_jax.nn.if_weights import IF_PREFIX, IF_UNET_DIR, DiffusersUNetDir, if_unet_dir
+from imagen_jax.nn.if_config import IF_PREFIX, IF_UNET_DIR, if_unet_dir
+from imagen_jax.nn.if_weights import DiffusersUNetDir
 from imagen_jax.stage import Stage
 from imagen_jax.text import load_t5
 from imagen_jax.train.checkpoint import Checkpointer

@@ -28,6 +28,11 @@ import gin
 from imagen_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
+# A DeepFloyd IF U-Net named as the launchers and the trainer take it (``--stages=if:PATH``,
+# ``TrainConfig.init_from="if:PATH"``, ``read_if_config.path``): PATH is its diffusers ``unet/``
+# directory or the model directory holding one (`if_unet_dir`).
+IF_PREFIX = "if:"
+IF_UNET_DIR = "unet"
 DOWN_BLOCKS = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
 UP_BLOCKS = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
 MID_BLOCK = "UNetMidBlock2DSimpleCrossAttn"
@@ -220,9 +225,24 @@ class IFUNetConfig:
         )
 
 
+def if_unet_dir(path: str) -> str:
+    """The diffusers ``unet/`` directory ``path`` names (an optional ``if:`` prefix dropped):
+    itself, or the model directory's ``unet/`` (IF-I-XL-v1.0/ -> IF-I-XL-v1.0/unet)."""
+    path = path.removeprefix(IF_PREFIX)
+    inner = os.path.join(path, IF_UNET_DIR)
+    return inner if os.path.isdir(inner) else path
+
+
+@gin.configurable
 def read_if_config(path: str) -> IFUNetConfig:
-    """`IFUNetConfig` of a diffusers ``unet/`` directory's config.json, or of that file itself
-    (ConfigError if absent, unparsable or not an IF U-Net)."""
+    """`IFUNetConfig` of a diffusers ``unet/`` directory's config.json, of the model directory
+    holding that ``unet/``, of ``if:`` either (`if_unet_dir`), or of the file itself.
+
+    In gin, ``IFUNet.config = @read_if_config()`` builds the network a published config.json
+    describes (gin_configs/if/stage_I.gin). Raises ConfigError (one line) if the file is absent,
+    unparsable or not an IF U-Net.
+    """
+    path = if_unet_dir(path)
     file = path if os.path.isfile(path) else os.path.join(path, CONFIG_FILE)
     try:
         with open(file) as f:

@@ -32,11 +32,6 @@ from imagen_jax.errors import CheckpointError
 from imagen_jax.nn.if_config import IFUNetConfig, read_if_config
 from imagen_jax.nn.if_unet import IFUNet
 
-# A DeepFloyd IF U-Net named as the launchers and the trainer take it (``--stages=if:PATH``,
-# ``TrainConfig.init_from="if:PATH"``): PATH is its diffusers ``unet/`` directory or the model
-# directory holding one (`if_unet_dir`).
-IF_PREFIX = "if:"
-IF_UNET_DIR = "unet"
 WEIGHTS_STEM = "diffusion_pytorch_model"
 # Full precision first (diffusers' default file), then its half-precision variants.
 VARIANTS = ("", ".fp16", ".bf16")
@@ -70,14 +65,6 @@ _POOL = {
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 # Wrapper submodules of our layers (Conv's nn.Conv, GroupNorm's and LayerNorm's flax norm).
 _WRAPPERS = ("conv", "norm")
-
-
-def if_unet_dir(path: str) -> str:
-    """The diffusers ``unet/`` directory ``path`` names (an optional ``if:`` prefix dropped):
-    itself, or the model directory's ``unet/`` (IF-I-XL-v1.0/ -> IF-I-XL-v1.0/unet)."""
-    path = path.removeprefix(IF_PREFIX)
-    inner = os.path.join(path, IF_UNET_DIR)
-    return inner if os.path.isdir(inner) else path
 
 
 def _block_path(name: str, num_levels: int) -> str:

@@ -33,7 +33,8 @@ from imagen_jax.data import pipeline
 from imagen_jax.data.embed_cache import masked_encode_fn
 from imagen_jax.errors import ConfigError, TrainingError
 from imagen_jax.nn import IFUNet, load_if_unet
-from imagen_jax.nn.if_weights import IF_PREFIX, DiffusersUNetDir, if_unet_dir
+from imagen_jax.nn.if_config import IF_PREFIX, if_unet_dir
+from imagen_jax.nn.if_weights import DiffusersUNetDir
 from imagen_jax.stage import Stage, sample_stage
 from imagen_jax.train import metrics as metrics_lib
 from imagen_jax.train.checkpoint import CheckpointConfig, Checkpointer
