@@ -67,7 +67,9 @@ def train_and_score(out: str, bindings: list[str] = BINDINGS, steps: int = STEPS
     return shapes_score.score(images.images[0], prompts, cfg)
 
 
-@pytest.mark.timeout(300)
+# A hang guard, not the time budget: 155 s alone and 224-240 s inside the quiet suite, but 280 s
+# was exceeded when `make demo` shared the 2-core box (bench/RESULTS.md, seventh run).
+@pytest.mark.timeout(540)
 def test_small_base_learns_its_training_prompts(tmp_path):
     # One CPU device and XLA's usual optimisation: this test's time is training, not compiling.
     env = subprocess_env(1)
@@ -75,7 +77,7 @@ def test_small_base_learns_its_training_prompts(tmp_path):
     code = ("import json, sys; from tests.test_learning_regression import train_and_score as f; "
             f"print('SCORES', json.dumps(f({str(tmp_path)!r})))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=280)
+                          text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("SCORES ")][-1]
     scores = json.loads(line[len("SCORES "):])
