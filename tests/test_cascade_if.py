@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 
+import diffusers  # test-extra reference: plainly imported, a broken install fails, not skips
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from imagen_jax import cascade
 from imagen_jax.diffusion import IF_STAGE_I_SAMPLING, IF_STAGE_II_SAMPLING, DiscreteSchedule
@@ -47,6 +49,15 @@ STAGE_II = dict(
     time_embedding_act_fn="gelu", resnet_skip_time_act=True, resnet_out_scale_factor=1 / 0.7071,
     mid_block_scale_factor=1 / 0.7071,
 )
+
+
+def save_if_model(config: dict, model_dir, seed: int) -> str:
+    """A seeded random diffusers U-Net of ``config`` saved as IF's model directories hold it
+    (``model_dir/unet``: config.json + safetensors); returns ``model_dir``."""
+    torch.manual_seed(seed)
+    diffusers.UNet2DConditionModel(**config).save_pretrained(str(model_dir / "unet"),
+                                                             safe_serialization=True)
+    return str(model_dir)
 
 
 def if_stages(num_steps: tuple[int, int] = (4, 3)) -> list[Stage]:
@@ -150,15 +161,8 @@ def test_a_guided_if_stage_needs_the_empty_prompt():
 def test_load_cascade_reads_diffusers_if_unets(tmp_path):
     """``load_cascade(["if:IF_I", "if:IF_II"])`` (``launch.sample --stages=if:...``) reads
     diffusers model directories saved by ``UNet2DConditionModel.save_pretrained``."""
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    entries = []
-    for i, config in enumerate((STAGE_I, STAGE_II)):
-        torch.manual_seed(i)
-        model_dir = tmp_path / f"IF-{'I' * (i + 1)}-tiny"
-        diffusers.UNet2DConditionModel(**config).save_pretrained(
-            str(model_dir / "unet"), safe_serialization=True)
-        entries.append(f"{cascade.IF_PREFIX}{model_dir}")
+    entries = [f"{cascade.IF_PREFIX}{save_if_model(config, tmp_path / f'IF-{n}-tiny', seed)}"
+               for seed, (n, config) in enumerate((("I", STAGE_I), ("II", STAGE_II)))]
     loaded = cascade.load_cascade(entries, overrides=[{"num_steps": 2}] * 2)
     want = if_stages()
     for stage, expected, params, entry in zip(loaded.stages, want, loaded.params, entries):

@@ -19,13 +19,11 @@ import signal
 import subprocess
 import sys
 
-import diffusers  # test-extra reference: plainly imported, a broken install fails, not skips
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from imagen_jax import gin_utils, partitioning
 from imagen_jax.cascade.loading import load_stage
@@ -37,23 +35,14 @@ from imagen_jax.stage import Stage, model_inputs
 from imagen_jax.train import optim, state, step, trainer
 from imagen_jax.train.testing import synthetic_data, tiny_test_stage
 from tests.support import REPO, leaves_equal, subprocess_env
+from tests.test_cascade_if import STAGE_I as CASCADE_STAGE_I
+from tests.test_cascade_if import STAGE_II as CASCADE_STAGE_II
+from tests.test_cascade_if import save_if_model
 
-# diffusers configs of the networks gin_configs/if/models/tiny_if_{I,II}.gin bind.
-STAGE_I = dict(
-    sample_size=16, in_channels=3, out_channels=6, block_out_channels=(16, 32),
-    layers_per_block=1, down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn", attention_head_dim=8,
-    cross_attention_dim=32, encoder_hid_dim=32, addition_embed_type="text",
-    addition_embed_type_num_heads=4, act_fn="gelu", norm_num_groups=8, norm_eps=1e-5,
-    resnet_time_scale_shift="scale_shift", cross_attention_norm="group_norm",
-)
-STAGE_II = dict(
-    STAGE_I, sample_size=64, in_channels=6, block_out_channels=(8, 16), layers_per_block=(1, 2),
-    only_cross_attention=(False, True), mid_block_only_cross_attention=False,
-    class_embed_type="timestep", time_embedding_act_fn="gelu", resnet_skip_time_act=True,
-    resnet_out_scale_factor=1 / 0.7071, mid_block_scale_factor=1 / 0.7071,
-)
+# diffusers configs of the networks gin_configs/if/models/tiny_if_{I,II}.gin bind: the cascade
+# test's IF-shaped configs at 16 / 64 px with 32-wide text.
+STAGE_I = dict(CASCADE_STAGE_I, sample_size=16, encoder_hid_dim=32)
+STAGE_II = dict(CASCADE_STAGE_II, sample_size=64, encoder_hid_dim=32)
 TEXT_LENGTH = 8
 GIN_I, GIN_II = "gin_configs/if/tiny_stage_I.gin", "gin_configs/if/tiny_stage_II.gin"
 # Synthetic in-memory data (its iterator provides the "empty prompt" embedding), no T5.
@@ -67,16 +56,9 @@ STEPS = ["--gin.TrainConfig.num_steps=4", "--gin.CheckpointConfig.save_every=2",
          "--gin.CheckpointConfig.keep=10"]
 
 
-def _save_if_unet(config: dict, path, seed: int) -> str:
-    torch.manual_seed(seed)
-    diffusers.UNet2DConditionModel(**config).save_pretrained(str(path / "unet"),
-                                                             safe_serialization=True)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def if_dir(tmp_path_factory):
-    return _save_if_unet(STAGE_I, tmp_path_factory.mktemp("IF-I-tiny"), seed=0)
+    return save_if_model(STAGE_I, tmp_path_factory.mktemp("IF-I-tiny"), seed=0)
 
 
 def _gin_stage(gin_file: str, *bindings: str) -> Stage:
@@ -103,7 +85,7 @@ def test_the_real_weight_if_configs_build_the_published_networks(if_dir, tmp_pat
     """gin_configs/if/stage_{I,II}.gin (for IF's published weights) build the network the
     directory's config.json describes, start from its weights and encode 77 tokens on the fly
     with padding kept; sampling settings are IF's pipelines'."""
-    sr_dir = _save_if_unet(STAGE_II, tmp_path, seed=1)
+    sr_dir = save_if_model(STAGE_II, tmp_path, seed=1)
     cases = (("gin_configs/if/stage_I.gin", if_dir, IF_STAGE_I_SAMPLING),
              ("gin_configs/if/stage_II.gin", sr_dir, IF_STAGE_II_SAMPLING))
     for gin_file, model_dir, sampling in cases:

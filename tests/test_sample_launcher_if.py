@@ -17,20 +17,18 @@ import shlex
 import subprocess
 import sys
 
-import diffusers  # test-extra reference: plainly imported, a broken install fails, not skips
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from imagen_jax import cascade
 from imagen_jax.cascade.loading import IF_TEXT_LENGTH
 from imagen_jax.diffusion import IF_STAGE_I_SAMPLING, IF_STAGE_II_SAMPLING
 from imagen_jax.text.testing import write_random_t5
-from tests.test_cascade_if import STAGE_I, STAGE_II
+from tests.test_cascade_if import STAGE_I, STAGE_II, save_if_model
 from tests.test_documented_commands import readme_commands
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,13 +45,9 @@ def if_dirs(tmp_path_factory):
     vocab = root / MODELS[0] / "tokenizer" / "spiece.model"
     vocab.parent.mkdir()
     os.rename(os.path.join(t5, "spiece.model"), vocab)  # IF keeps it apart from the weights
-    entries = []
-    for i, config in enumerate((STAGE_I, STAGE_II)):
-        torch.manual_seed(i)
-        model_dir = root / MODELS[i]
-        diffusers.UNet2DConditionModel(**dict(config, encoder_hid_dim=T5_WIDTH)).save_pretrained(
-            str(model_dir / "unet"), safe_serialization=True)
-        entries.append(f"{cascade.IF_PREFIX}{model_dir}")
+    entries = [f"{cascade.IF_PREFIX}"
+               f"{save_if_model(dict(config, encoder_hid_dim=T5_WIDTH), root / MODELS[i], i)}"
+               for i, config in enumerate((STAGE_I, STAGE_II))]
     return {"stages": entries, "t5": t5, "vocab": str(vocab), "root": root}
 
 
