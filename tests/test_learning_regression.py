@@ -67,8 +67,8 @@ def train_and_score(out: str, bindings: list[str] = BINDINGS, steps: int = STEPS
     return shapes_score.score(images.images[0], prompts, cfg)
 
 
-# A hang guard, not the time budget: 155 s alone and 224-240 s inside the quiet suite, but 280 s
-# was exceeded when `make demo` shared the 2-core box (bench/RESULTS.md, seventh run).
+# A hang guard, not the time budget: 110 s alone (bench/RESULTS.md, "Learning regression guard"),
+# but 280 s was exceeded when `make demo` shared the 2-core box (RESULTS, seventh run).
 @pytest.mark.timeout(540)
 def test_small_base_learns_its_training_prompts(tmp_path):
     # One CPU device and XLA's usual optimisation: this test's time is training, not compiling.

@@ -87,8 +87,23 @@ def init_train_state(
     """
     init_fn, shardings = _state_init_fn_and_shardings(model, tx, stage, mesh, rules)
     with partitioning.mesh_context(mesh), nn.logical_axis_rules(tuple(rules)):
-        state = jax.jit(init_fn, out_shardings=shardings)(jnp.asarray(seed, jnp.uint32), params)
+        init = jax.jit(init_fn, out_shardings=shardings, compiler_options=_init_compiler_options())
+        state = init(jnp.asarray(seed, jnp.uint32), params)
     return state, shardings
+
+
+# XLA's CPU backend spends most of a small model's start-up compiling the initialiser at full
+# LLVM optimisation (one unrolled threefry per parameter: 14 of the learning guard's 33 s of
+# compilation). The initialiser runs once, so it is compiled without backend optimisation there
+# (14 s -> 5 s). The random bits are the same; the normal samplers' float arithmetic is contracted
+# differently, so ~3% of the initial values differ in their last bits
+# (tests/test_train_sharding.py).
+_CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                              "xla_llvm_disable_expensive_passes": True}
+
+
+def _init_compiler_options() -> dict[str, Any] | None:
+    return _CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
 
 
 def abstract_train_state(
