@@ -72,6 +72,8 @@ class Stage:
         model called with IF's contract (see `sample_stage`; `IFUNet`).
       prediction: network output parameterisation ('eps' in the paper, App. A).
       loss_weighting, min_snr_gamma: per-example loss weighting ('uniform' = plain MSE, paper).
+      min_snr_offset: 'min_snr_plus_one' only: its x0-space weight is ``min(snr, gamma) +
+        min_snr_offset`` (>= 0; 1 by default; `min_snr_plus_one_weight`).
       cond_drop_prob: probability in [0, 1] of zeroing the text condition in training, for
         classifier-free guidance (paper Sec. 2.2: 10%).
       aug_schedule, train_aug_max: noise-conditioning augmentation of the low-res input: training
@@ -101,6 +103,7 @@ class Stage:
     prediction: str = "eps"
     loss_weighting: str = "uniform"
     min_snr_gamma: float = 5.0
+    min_snr_offset: float = 1.0
     cond_drop_prob: float = 0.1
     aug_schedule: str = "cosine"
     train_aug_max: float = 1.0
@@ -135,6 +138,13 @@ class Stage:
             raise ConfigError(
                 f"Stage.min_snr_gamma={self.min_snr_gamma!r} must be a finite number > 0 (the "
                 "Min-SNR paper uses 5)")
+        offset = self.min_snr_offset
+        if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not (
+            math.isfinite(offset) and offset >= 0
+        ):
+            raise ConfigError(
+                f"Stage.min_snr_offset={offset!r} must be a finite number >= 0 (1: the clipped "
+                "SNR+1 weight; 0: min-SNR)")
         if self.lowres_resolution is not None and self.resolution % self.lowres_resolution:
             raise ConfigError(
                 f"Stage.resolution={self.resolution} is not a multiple of "

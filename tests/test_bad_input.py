@@ -115,6 +115,8 @@ def test_names_and_one_line_messages():
         SamplingConfig(thresholding="dyanmic")
     with pytest.raises(ConfigError, match=r"Stage\.min_snr_gamma=nan must be a finite number > 0"):
         Stage(model=tiny_base(), min_snr_gamma=NAN)
+    with pytest.raises(ConfigError, match=r"Stage\.min_snr_offset=-1 must be a finite number >= 0"):
+        Stage(model=tiny_base(), min_snr_offset=-1)
     with pytest.raises(ConfigError, match=r"Stage\.sampling=\{'num_steps': 3\} is not a "
                        "SamplingConfig"):
         Stage(model=tiny_base(), sampling={"num_steps": 3})

@@ -136,6 +136,14 @@ def test_losses_uniform_and_min_snr(prediction):
     if prediction == "v":
         low = jnp.array([-20.0, -5.0, 0.0, np.log(5.0) - 1e-3])
         np.testing.assert_allclose(D.min_snr_plus_one_weight(low, "v"), 1.0, rtol=1e-5)
+    # A smaller weight at high noise (race 4's 0.1): x0-space min(snr, 5) + 0.1.
+    plus_c = base + 0.1
+    weight = {"eps": plus_c / snr, "v": plus_c / (snr + 1), "x0": plus_c}[prediction]
+    weighted = D.loss_per_example(pred, x0, eps, t, sched, prediction,
+                                  weighting="min_snr_plus_one", min_snr_offset=0.1)
+    np.testing.assert_allclose(weighted, mse * weight, rtol=1e-4)
+    with pytest.raises(ValueError, match="min_snr_offset"):
+        D.min_snr_plus_one_weight(jnp.zeros(2), prediction, offset=-0.5)
     with pytest.raises(ValueError, match="loss weighting"):
         D.loss_per_example(pred, x0, eps, t, sched, prediction, weighting="snr")
 

@@ -274,6 +274,7 @@ def make_loss_fn(stage: Stage, config: StepConfig) -> Callable[..., tuple[jax.Ar
         loss_ex = diffusion.loss_per_example(
             pred, mb["x0"], mb["eps"], mb["t"], schedule, prediction=stage.prediction,
             weighting=stage.loss_weighting, min_snr_gamma=stage.min_snr_gamma,
+            min_snr_offset=stage.min_snr_offset,
         )  # [b]
         bucket = _bucket_index(schedule.logsnr(mb["t"]), config.logsnr_bucket_edges)  # [b]
         onehot = jax.nn.one_hot(bucket, num_buckets, dtype=jnp.float32)  # [b, K]
