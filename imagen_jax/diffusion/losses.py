@@ -55,7 +55,7 @@ def min_snr_plus_one_weight(
         raise ValueError(f"min_snr_offset={offset} must be >= 0 (1: SNR+1 clipped; 0: min-SNR)")
     clipped = min_snr_weight(logsnr, prediction, gamma)  # checks prediction and gamma
     logsnr = jnp.asarray(logsnr, jnp.float32)
-    # The x0-space weight 1 in the target's terms: 1 / snr, 1 / (snr + 1), 1.
+    # The x0-space weight `offset` in the target's terms: offset / snr, / (snr + 1), itself.
     if prediction == "eps":
         return clipped + offset * jnp.exp(-logsnr)
     if prediction == "v":
