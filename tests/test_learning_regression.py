@@ -38,9 +38,10 @@ BINDINGS = [
     "TrainConfig.progress_bar = False",
     "SamplingConfig.num_steps = 16",
 ]
-# Floors under the once-measured scores (bench/RESULTS.md, "Learning regression guard"), well
-# above chance (colour 1/8, background 1/4): {attribute: floor}.
-FLOORS = {"colour": 0.2, "background": 0.5}
+# Floors between the measured scores of the demo's weighting (min_snr_offset 0.1: colour 34%,
+# background 59%) and of a model that never sees its text (19%, 16%), above chance (colour 1/8,
+# background 1/4); bench/RESULTS.md, "Learning regression guard": {attribute: floor}.
+FLOORS = {"colour": 0.25, "background": 0.4}
 
 
 def train_and_score(out: str, bindings: list[str] = BINDINGS, steps: int = STEPS) -> dict:
