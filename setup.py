@@ -67,7 +67,9 @@ setup(
     package_dir={"imagen_jax.gin_configs": "gin_configs"},
     package_data={"imagen_jax.assets": ["*.csv", "*.md"],
                   "imagen_jax.eval.templates": ["*.j2"],
-                  "imagen_jax.gin_configs": ["*.gin", "*/*.gin", "*/*/*.gin"]},
+                  "imagen_jax.gin_configs": ["*.gin", "*/*.gin", "*/*/*.gin"],
+                  # The pretrained demo cascade `make demo` samples first (launch/demo.py).
+                  "launch": ["demo_cascade/*.json", "demo_cascade/*/*"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require={"data": DATA, "test": TEST, "bench": REFERENCES},

@@ -2,7 +2,10 @@ r"""`make demo`: train a tiny three-stage cascade on the shapes dataset, sample,
 
     python -m launch.demo [--out=demo_out] [--preset=single|full] [--num_prompts=64]
         [--steps=1700,500,500] [--gin.NAME=VALUE ...]   # gin applies to every stage
+        [--pretrained=launch/demo_cascade|''] [--export_to=DIR]
 
+0. samples and scores the pretrained demo cascade shipped in `launch/demo_cascade/` (made by this
+   trainer in a longer run, see its PROVENANCE.json) into `<out>/pretrained/`: a few minutes;
 1. renders the shapes dataset into a local tfds directory: `imagen_shapes/demo_<preset>_<N>` at
    128 px (base and first SR stage) and the smaller `imagen_shapes/demo512_<preset>_<M>` at
    512 px (last stage). `--preset=single` (default): one object per scene, drawn large enough to
@@ -25,17 +28,21 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import gin
+import jax
 from absl import app, flags
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import gin_utils, partitioning
 from imagen_jax.data import embed_cache, pipeline, shapes, shapes_tfds
+from imagen_jax.errors import CascadeError
 from imagen_jax.eval import shapes_score
 from imagen_jax.eval.samples import Page, image_data_uri, write_samples
 from imagen_jax.text import load_t5
@@ -56,7 +63,19 @@ sf.DEFINE_bool("retrain", False, "Delete existing checkpoints and train again.")
 sf.DEFINE_enum("preset", "single", ["single", "full"], "Scenes: 'single' (default) one object "
                "per scene; 'full' also two-object relational scenes (the harder tier).")
 
+sf.DEFINE_string("pretrained", None, "Pretrained demo cascade to sample and score first "
+                 "(default launch/demo_cascade; '' skips it).")
+sf.DEFINE_string("export_to", None, "After the run, export its cascade here as a pretrained "
+                 "demo cascade (float16 EMA parameters + the random T5).")
+
 STAGES = ("base", "sr128", "sr512")
+# The pretrained demo cascade shipped with the repository (`export_cascade`; how it was made:
+# its PROVENANCE.json) and the scenes it was trained on.
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_cascade")
+PRETRAINED_PRESET = "single"
+FRESH = "trained from nothing in this run"
+PRETRAINED_ORIGIN = ("pretrained by this trainer in a longer run (see "
+                     "launch/demo_cascade/PROVENANCE.json)")
 
 
 # Two prepared datasets: the base and first SR stage need many scenes at <= 128 px, the last
@@ -183,7 +202,7 @@ def score_stages(images: Sequence[Any], prompts: Sequence[str],
 
 def report_page(result: Any, names: Sequence[str], summaries: list[dict],
                 per_image: list[list], timings: dict[str, float], sr_from_truth: list[dict],
-                truth_resolution: int, preset: str = "single") -> Page:
+                truth_resolution: int, preset: str = "single", origin: str = FRESH) -> Page:
     """``index.html``: per prompt every stage's image (embedded), its exact-match mark per stage
     and the attributes the final stage got wrong; the score summaries above."""
     rows = []
@@ -200,6 +219,7 @@ def report_page(result: Any, names: Sequence[str], summaries: list[dict],
         "title": "imagen-jax demo",
         "thumb": THUMB_PX,
         "preset": preset,
+        "origin": origin,
         "names": list(names),
         "summaries": list(zip(names, summaries)),
         "sr_from_truth": list(zip(names[1:], sr_from_truth)),
@@ -212,23 +232,123 @@ def report_page(result: Any, names: Sequence[str], summaries: list[dict],
 def write_report(out: str, result: Any, names: Sequence[str], summaries: list[dict],
                  per_image: list[list], timings: dict[str, float],
                  sr_from_truth: list[dict], truth_resolution: int,
-                 preset: str = "single") -> dict[str, str]:
+                 preset: str = "single", origin: str = FRESH) -> dict[str, str]:
     """grid.png (final images), index.html (prompt | stage images | score), results.json;
     returns {file name: path}."""
-    results = {"preset": preset, "stages": list(names), "scores": summaries, "timings": timings,
+    results = {"preset": preset, "origin": origin, "stages": list(names), "scores": summaries,
+               "timings": timings,
                "sr_from_ground_truth": sr_from_truth, "prompts": result.prompts,
                "exact": [[r.exact for r in stage] for stage in per_image]}
     page = report_page(result, names, summaries, per_image, timings, sr_from_truth,
-                       truth_resolution, preset)
+                       truth_resolution, preset, origin)
     return write_samples(out, {"grid.png": image_grid(result.final)}, manifest=results,
                          manifest_file="results.json", pages={"index.html": page})
 
 
+def evaluate_cascade(out: str, stage_dirs: Sequence[str], t5_dir: str, *, num_prompts: int,
+                     seed: int, preset: str, progress: bool, timings: dict[str, float],
+                     with_truth: bool = True, origin: str = FRESH) -> dict[str, Any]:
+    """Samples the heldout prompts through the cascade of ``stage_dirs`` (trainer workdirs or
+    exported stages) and, if ``with_truth``, its SR stages alone on the ground-truth
+    base-resolution images; scores them and writes grid.png, index.html and results.json to
+    ``out``. ``timings`` (seconds so far) is completed and reported. Returns `run`'s dict."""
+    t0 = time.perf_counter()
+    cascade = cascade_lib.load_cascade(stage_dirs, t5_dir, mesh=partitioning.make_mesh())
+    prompts = shapes.heldout_prompts(num_prompts, preset)
+    result = cascade.sample(prompts, seed, progress=progress)
+    timings["sample_s"] = time.perf_counter() - t0
+    timings.update({f"cascade_{k}": v for k, v in result.timings.items()})
+
+    # The SR stages on the ground truth at the base resolution: whether they keep the content,
+    # apart from how well the base follows the prompt.
+    t0 = time.perf_counter()
+    base_resolution = cascade.stages[0].resolution
+    sr_from_truth: list[dict] = []
+    if with_truth:
+        truth = shapes.heldout_images(len(prompts), base_resolution, preset)
+        from_truth = cascade.sample(prompts, seed, lowres=truth, start=1, progress=progress)
+        sr_from_truth, _ = score_stages(from_truth.images, prompts, preset)
+        timings["sample_sr_from_truth_s"] = time.perf_counter() - t0
+
+    summaries, per_image = score_stages(result.images, result.prompts, preset)
+    names = [f"{s.name} {s.resolution}px" for s in cascade.stages]
+    write_report(out, result, names, summaries, per_image, timings, sr_from_truth,
+                 base_resolution, preset, origin)
+    _log("prompt adherence on heldout prompts (exact match = every attribute right):")
+    for name, s in zip(names, summaries):
+        _log(f"  {name:>12}: exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
+             f"shape {s['shape']:.1%}  size {s['size']:.1%}  position {s['position']:.1%}  "
+             f"relation {s['relation']:.1%}")
+    if sr_from_truth:
+        _log(f"super-resolution stages on the ground-truth {base_resolution}px images:")
+    for name, s in zip(names[1:], sr_from_truth):
+        _log(f"  {name:>12}: exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
+             f"shape {s['shape']:.1%}  size {s['size']:.1%}")
+    return {"scores": summaries, "sr_from_ground_truth": sr_from_truth, "timings": timings,
+            "result": result}
+
+
+def pretrained_stage_dirs(pretrained: str) -> list[str]:
+    """The exported stages of a pretrained demo cascade directory, base first.
+
+    Raises CascadeError (one line) if one is missing."""
+    dirs = [os.path.join(pretrained, n) for n in STAGES]
+    for d in [*dirs, os.path.join(pretrained, "t5")]:
+        if not os.path.isdir(d):
+            raise CascadeError(
+                f"pretrained demo cascade {pretrained!r} lacks {os.path.basename(d)}/; pass "
+                "--pretrained='' to skip it, or export one with --export_to")
+    return dirs
+
+
+def export_cascade(out: str, dest: str, command: str = "") -> int:
+    """Writes the demo in ``out`` (its trained stages and random T5) to ``dest`` as a pretrained
+    demo cascade: each stage's EMA parameters in float16 (`export_stage`), the T5 directory
+    copied, and ``PROVENANCE.json`` (``command``, the steps, the machine, and ``out``'s
+    results.json: scores and timings). Returns the bytes written."""
+    mesh = partitioning.make_mesh()
+    rules = tuple(partitioning.logical_axis_rules())
+    total, steps = 0, {}
+    for name in STAGES:
+        workdir = os.path.join(out, "stages", name)
+        stage, params = cascade_lib.load_stage(workdir, mesh=mesh, rules=rules)
+        ckpt = Checkpointer(workdir, read_only=True)
+        steps[name] = ckpt.latest_step()
+        ckpt.close()
+        total += cascade_lib.export_stage(stage, params, os.path.join(dest, name),
+                                          step=steps[name])
+    shutil.copytree(os.path.join(out, "t5"), os.path.join(dest, "t5"), dirs_exist_ok=True)
+    total += sum(os.path.getsize(os.path.join(dest, "t5", f))
+                 for f in os.listdir(os.path.join(dest, "t5")))
+    results_file = os.path.join(out, "results.json")
+    results = None
+    if os.path.exists(results_file):
+        with open(results_file) as f:
+            results = json.load(f)
+    provenance = {
+        "command": command, "steps": steps,
+        "exported": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                   f"{jax.default_backend()} backend",
+        "results": results,
+    }
+    with open(os.path.join(dest, "PROVENANCE.json"), "w") as f:
+        json.dump(provenance, f, indent=1)
+    _log(f"exported the cascade of {out} to {dest} ({total / 2**20:.1f} MiB)")
+    return total
+
+
 def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_512: int = 2000,
         steps: Sequence[int] | None = None, bindings: Sequence[str] = (), seed: int = 0,
-        retrain: bool = False, progress: bool = True, preset: str = "single") -> dict[str, Any]:
+        retrain: bool = False, progress: bool = True, preset: str = "single",
+        pretrained: str | None = None) -> dict[str, Any]:
     """The whole demo; returns {'scores': per-stage summaries, 'sr_from_ground_truth': summaries
-    of the SR stages fed the ground truth, 'timings': seconds, 'result': the CascadeOutput}."""
+    of the SR stages fed the ground truth, 'timings': seconds, 'result': the CascadeOutput,
+    'pretrained': the same dict for the pretrained cascade (None if not sampled)}.
+
+    ``pretrained``: a pretrained demo cascade (`export_cascade`'s layout) sampled and scored
+    first, into ``<out>/pretrained/``; the single preset only (it was trained on those scenes).
+    """
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -248,6 +368,22 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
     with open(preset_file, "w") as f:
         f.write(preset + "\n")
 
+    from_pretrained = None
+    if pretrained and preset != PRETRAINED_PRESET:
+        _log(f"the pretrained demo cascade was trained on --preset={PRETRAINED_PRESET} scenes: "
+             "not sampled")
+    elif pretrained:
+        _log(f"pretrained demo cascade ({pretrained}, trained by this trainer in a longer run; "
+             "see its PROVENANCE.json):")
+        pre_timings: dict[str, float] = {}
+        from_pretrained = evaluate_cascade(
+            os.path.join(out, "pretrained"), pretrained_stage_dirs(pretrained),
+            os.path.join(pretrained, "t5"), num_prompts=num_prompts, seed=seed, preset=preset,
+            progress=progress, timings=pre_timings, with_truth=False, origin=PRETRAINED_ORIGIN)
+        timings["pretrained_s"] = time.perf_counter() - t_start
+        _log(f"wrote {out}/pretrained/{{grid.png,index.html,results.json}}; now training a fresh "
+             "cascade from nothing")
+
     sizes = {"main": num_train, "hires": num_train_512}
     t0 = time.perf_counter()
     for dataset, n in sizes.items():
@@ -266,40 +402,13 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
         timings[f"train_{name}_s"] = train_stage(
             name, workdir, stage_gin, None if steps is None else int(steps[i]))
 
-    t0 = time.perf_counter()
-    cascade = cascade_lib.load_cascade(stage_dirs, t5_dir, mesh=partitioning.make_mesh())
-    prompts = shapes.heldout_prompts(num_prompts, preset)
-    result = cascade.sample(prompts, seed, progress=progress)
-    timings["sample_s"] = time.perf_counter() - t0
-    timings.update({f"cascade_{k}": v for k, v in result.timings.items()})
-
-    # The SR stages on the ground truth at the base resolution: whether they keep the content,
-    # apart from how well the base follows the prompt.
-    t0 = time.perf_counter()
-    base_resolution = cascade.stages[0].resolution
-    truth = shapes.heldout_images(len(prompts), base_resolution, preset)
-    from_truth = cascade.sample(prompts, seed, lowres=truth, start=1, progress=progress)
-    sr_from_truth, _ = score_stages(from_truth.images, prompts, preset)
-    timings["sample_sr_from_truth_s"] = time.perf_counter() - t0
-
-    summaries, per_image = score_stages(result.images, result.prompts, preset)
-    names = [f"{s.name} {s.resolution}px" for s in cascade.stages]
+    _log(f"the cascade trained in {out}/stages:")
+    done = evaluate_cascade(out, stage_dirs, t5_dir, num_prompts=num_prompts, seed=seed,
+                            preset=preset, progress=progress, timings=timings)
     timings["total_s"] = time.perf_counter() - t_start
-    write_report(out, result, names, summaries, per_image, timings, sr_from_truth,
-                 base_resolution, preset)
-    _log("prompt adherence on heldout prompts (exact match = every attribute right):")
-    for name, s in zip(names, summaries):
-        _log(f"  {name:>12}: exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
-             f"shape {s['shape']:.1%}  size {s['size']:.1%}  position {s['position']:.1%}  "
-             f"relation {s['relation']:.1%}")
-    _log(f"super-resolution stages on the ground-truth {base_resolution}px images:")
-    for name, s in zip(names[1:], sr_from_truth):
-        _log(f"  {name:>12}: exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
-             f"shape {s['shape']:.1%}  size {s['size']:.1%}")
     _log(f"wrote {out}/grid.png, {out}/index.html, {out}/results.json; "
          f"total {timings['total_s']:.0f}s")
-    return {"scores": summaries, "sr_from_ground_truth": sr_from_truth, "timings": timings,
-            "result": result}
+    return {**done, "pretrained": from_pretrained}
 
 
 def main(argv: list[str]) -> None:
@@ -308,9 +417,16 @@ def main(argv: list[str]) -> None:
     if FLAGS.steps is not None and len(FLAGS.steps) != len(STAGES):
         raise app.UsageError(f"--steps needs {len(STAGES)} values ({','.join(STAGES)})")
     out = FLAGS.out or ("demo_out" if FLAGS.preset == "single" else f"demo_out_{FLAGS.preset}")
+    pretrained = FLAGS.pretrained
+    if pretrained is None:  # the shipped one, where this checkout has it
+        pretrained = PRETRAINED_DIR if os.path.isdir(PRETRAINED_DIR) else ""
     run(out, num_prompts=FLAGS.num_prompts, num_train=FLAGS.num_train,
         num_train_512=FLAGS.num_train_512, steps=FLAGS.steps,
-        bindings=sf.GIN_BINDINGS, seed=FLAGS.seed, retrain=FLAGS.retrain, preset=FLAGS.preset)
+        bindings=sf.GIN_BINDINGS, seed=FLAGS.seed, retrain=FLAGS.retrain, preset=FLAGS.preset,
+        pretrained=pretrained or None)
+    if FLAGS.export_to:
+        command = " ".join(["python -m launch.demo", *sys.argv[1:]])
+        export_cascade(out, FLAGS.export_to, command=command)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+import pytest
+
+from imagen_jax.errors import CascadeError
 from launch import demo
 
 # Smaller U-Nets than the demo's: this test checks the plumbing, compile time dominates.
@@ -51,3 +55,22 @@ def test_miniature_demo_trains_samples_scores_and_reuses_checkpoints(tmp_path):
         assert (a == b).all()
     for a, b in zip(first["sr_from_ground_truth"], second["sr_from_ground_truth"]):
         assert a["exact_match"] == b["exact_match"] and a["colour"] == b["colour"]
+
+    # Exported as a pretrained demo cascade (float16 EMA parameters + the random T5) and sampled
+    # by a later run before it trains: the same images, up to the parameters' float16 rounding.
+    dest = tmp_path / "pretrained"
+    assert demo.export_cascade(str(out), str(dest), command="make demo") > 0
+    provenance = json.loads((dest / "PROVENANCE.json").read_text())
+    assert provenance["steps"] == {n: 2 for n in demo.STAGES}
+    assert provenance["results"]["prompts"] == results["prompts"]
+    third = demo.run(str(out), num_prompts=4, num_train=32, num_train_512=8, steps=(2, 2, 2),
+                     bindings=TINY, progress=False, pretrained=str(dest))
+    assert "pretrained by this trainer" in (out / "pretrained" / "index.html").read_text()
+    assert "trained from nothing in this run" in (out / "index.html").read_text()
+    assert third["pretrained"]["scores"][0]["num_images"] == 4
+    for a, b in zip(first["result"].images, third["pretrained"]["result"].images):
+        assert a.shape == b.shape
+        assert np.abs(a.astype(np.int32) - b.astype(np.int32)).mean() < 2.0
+    with pytest.raises(CascadeError, match="lacks base/; pass --pretrained=''"):
+        demo.run(str(out), num_prompts=4, steps=(2, 2, 2), bindings=TINY, progress=False,
+                 pretrained=str(tmp_path))

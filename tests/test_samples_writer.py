@@ -26,7 +26,8 @@ def test_writes_images_pages_and_manifest(tmp_path):
         str(out), {"images/000_0.png": _image(10), "grid.png": _image(200, 8)},
         manifest={"prompt": prompt, "score": None}, manifest_file="run.json",
         pages={"index.html": samples.Page("demo.html.j2", {
-            "title": prompt, "thumb": 8, "preset": "single", "names": ["base 4px"],
+            "title": prompt, "thumb": 8, "preset": "single", "origin": "trained",
+            "names": ["base 4px"],
             "summaries": [], "sr_from_truth": [], "truth_resolution": 4, "timings": "{}",
             "rows": [{"prompt": prompt, "cells": [{"src": samples.image_data_uri(_image(10), 8),
                                                    "title": "base 4px"}],

@@ -36,8 +36,8 @@ SR_BINDINGS = [
 ]
 
 
-@pytest.fixture
-def gin_stage() -> Stage:
+def build_sr_stage() -> Stage:
+    """The stage `SR_BINDINGS` builds (gin cleared before and after)."""
     gin_utils.register_all()
     gin.clear_config()
     try:
@@ -45,6 +45,11 @@ def gin_stage() -> Stage:
         return Stage()
     finally:
         gin.clear_config()
+
+
+@pytest.fixture
+def gin_stage() -> Stage:
+    return build_sr_stage()
 
 
 def test_record_rebuilds_the_gin_built_stage_without_gin(gin_stage):

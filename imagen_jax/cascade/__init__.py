@@ -20,9 +20,11 @@ same backend (all randomness comes from ``jax.random.fold_in(PRNGKey(seed), stag
 
 
 Layout: `program` (the pure per-stage program), `runtime` (`Cascade`: sharding, chunking,
-compiled programs), `loading` (checkpoints -> stages), `params`, `progress`.
+compiled programs), `loading` (checkpoints -> stages), `export` (small shippable stages),
+`params`, `progress`.
 """
 
+from imagen_jax.cascade.export import export_stage, is_exported_stage, load_exported_stage
 from imagen_jax.cascade.loading import (
     IF_PREFIX,
     SAMPLING_FIELDS,
@@ -48,10 +50,13 @@ __all__ = [
     "Stage",
     "abstract_params",
     "check_chain",
+    "export_stage",
     "from_uint8",
     "gin_sampling_overrides",
     "init_params",
+    "is_exported_stage",
     "load_cascade",
+    "load_exported_stage",
     "load_if_stage",
     "load_stage",
     "param_shardings",

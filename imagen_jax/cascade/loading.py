@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from imagen_jax import partitioning
+from imagen_jax.cascade.export import is_exported_stage, load_exported_stage
 from imagen_jax.cascade.params import sharded_abstract_params
 from imagen_jax.cascade.program import check_chain
 from imagen_jax.cascade.runtime import Cascade
@@ -185,12 +186,14 @@ def load_if_stage(path: str, *, mesh: Mesh, rules: partitioning.LogicalRules,
 
 def _load_any_stage(entry: str, previous: Stage | None, mesh: Mesh,
                     rules: partitioning.LogicalRules) -> tuple[Stage, PyTree]:
-    """A `load_cascade` entry: ``if:PATH`` (`load_if_stage`, chained to ``previous``) or a
-    trainer workdir (`load_stage`)."""
+    """A `load_cascade` entry: ``if:PATH`` (`load_if_stage`, chained to ``previous``), an
+    exported stage (`load_exported_stage`) or a trainer workdir (`load_stage`)."""
     if entry.startswith(IF_PREFIX):
         low = previous.resolution if previous is not None else None
         return load_if_stage(entry[len(IF_PREFIX):], mesh=mesh, rules=rules,
                              lowres_resolution=low)
+    if is_exported_stage(entry):
+        return load_exported_stage(entry, mesh=mesh, rules=rules)
     return load_stage(entry, mesh=mesh, rules=rules)
 
 
@@ -204,7 +207,7 @@ def load_cascade(
     max_batch: int | None = None,
     t5_dtype: str | None = None,
 ) -> Cascade:
-    """A ``Cascade`` from trainer workdirs (base first) and a T5 checkpoint directory.
+    """A ``Cascade`` from trainer workdirs or exported stages (base first) and a T5 directory.
 
     An entry ``if:PATH`` is a DeepFloyd IF U-Net (`load_if_stage`): ``if:IF_I,if:IF_II`` is IF's
     cascade, and a trained SR stage of ours may follow it.
