@@ -73,7 +73,7 @@ STAGES = ("base", "sr128", "sr512")
 # its PROVENANCE.json) and the scenes it was trained on.
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_cascade")
 PRETRAINED_PRESET = "single"
-FRESH = "trained from nothing in this run"
+FRESH = "trained from nothing by launch.demo (the stages/ next to this page)"
 PRETRAINED_ORIGIN = ("pretrained by this trainer in a longer run (see "
                      "launch/demo_cascade/PROVENANCE.json)")
 
@@ -311,10 +311,11 @@ def export_cascade(out: str, dest: str, command: str = "") -> int:
     total, steps = 0, {}
     for name in STAGES:
         workdir = os.path.join(out, "stages", name)
-        stage, params = cascade_lib.load_stage(workdir, mesh=mesh, rules=rules)
+        # The step is read once and loaded explicitly, so the record names what was exported.
         ckpt = Checkpointer(workdir, read_only=True)
         steps[name] = ckpt.latest_step()
         ckpt.close()
+        stage, params = cascade_lib.load_stage(workdir, mesh=mesh, rules=rules, step=steps[name])
         total += cascade_lib.export_stage(stage, params, os.path.join(dest, name),
                                           step=steps[name])
     shutil.copytree(os.path.join(out, "t5"), os.path.join(dest, "t5"), dirs_exist_ok=True)
