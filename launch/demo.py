@@ -2,7 +2,7 @@ r"""`make demo`: train a tiny three-stage cascade on the shapes dataset, sample,
 
     python -m launch.demo [--out=demo_out] [--preset=single|full] [--num_prompts=64]
         [--steps=1700,500,500] [--gin.NAME=VALUE ...]   # gin applies to every stage
-        [--pretrained=launch/demo_cascade|''] [--export_to=DIR]
+        [--pretrained=launch/demo_cascade|''] [--export_to=DIR] [--budget_s=SECONDS]
 
 0. samples and scores the pretrained demo cascade shipped in `launch/demo_cascade/` (made by this
    trainer in a longer run, see its PROVENANCE.json) into `<out>/pretrained/`: a few minutes;
@@ -22,6 +22,13 @@ r"""`make demo`: train a tiny three-stage cascade on the shapes dataset, sample,
    them too: the SR stages should keep the content of whatever they are given.
 
 A second run finds the finished checkpoints and only samples (pass --retrain to start over).
+
+`--budget_s` caps the run's wall time (`make demo` passes 20 minutes less its set-up): the stages
+of step 3 train for their share of what is left once the datasets are ready and the time
+sampling and scoring will take is set aside (`training_seconds`), each stopping at its step count
+or its deadline (`TrainConfig.max_seconds`), whichever comes first. How far they got depends on
+the machine: `results.json` and the page record each stage's steps. A rerun resumes them with a
+new budget.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ sf.DEFINE_enum("preset", "single", ["single", "full"], "Scenes: 'single' (defaul
 
 sf.DEFINE_string("pretrained", None, "Pretrained demo cascade to sample and score first "
                  "(default launch/demo_cascade; '' skips it).")
+sf.DEFINE_float("budget_s", None, "Wall-clock budget of this run in seconds; the fresh stages "
+                "train until their share of it is spent (see above). None: the steps decide.")
 sf.DEFINE_string("export_to", None, "After the run, export its cascade here as a pretrained "
                  "demo cascade (float16 EMA parameters + the random T5).")
 
@@ -87,6 +96,15 @@ STAGE_DATASET = {"base": "main", "sr128": "main", "sr512": "hires"}
 NUM_HELDOUT = {"main": 256, "hires": 16}
 T5_VOCAB_SIZE = 512
 THUMB_PX = 128  # every stage's image is shown at this size in index.html (nearest neighbour)
+# Under --budget_s, each stage's share of the training time: the default steps' split of a
+# quiet 2-core run (base 556 s, SR 146 s and 165 s: bench/RESULTS.md "make demo", 2026-11-30).
+# A stage done early leaves its time to the next ones.
+BUDGET_SHARES = {"base": 0.64, "sr128": 0.17, "sr512": 0.19}
+# Set aside for sampling and scoring the fresh cascade: a multiple of what the pretrained
+# cascade (the same stage shapes, prompts and sampler) took in this run; 2: its SR stages run a
+# second time on the ground truth. Without a pretrained cascade to time, a fraction of the budget.
+EVAL_RESERVE_FACTOR = 2.0
+EVAL_RESERVE_FRACTION = 0.25
 
 
 def _log(msg: str) -> None:
@@ -165,12 +183,35 @@ def stage_bindings(stage: str, out: str, cache_dirs: dict[str, str], t5_dir: str
     ]
 
 
-def train_stage(name: str, workdir: str, bindings: Sequence[str], steps: int | None) -> float:
-    """Trains one stage unless its final checkpoint exists; returns seconds spent."""
+def training_seconds(name: str, seconds_left: float, done: Sequence[str] = ()) -> float:
+    """Stage ``name``'s share of ``seconds_left`` (the training time still available under
+    --budget_s), among the stages not in ``done``; >= 0."""
+    remaining = [n for n in STAGES if n not in done]
+    share = BUDGET_SHARES[name] / sum(BUDGET_SHARES[n] for n in remaining)
+    return max(0.0, seconds_left * share)
+
+
+def stage_step(stage_dir: str) -> int | None:
+    """The training step of a trainer workdir's newest checkpoint or of an exported stage."""
+    if cascade_lib.is_exported_stage(stage_dir):
+        return cascade_lib.read_export_record(stage_dir)["step"]
+    ckpt = Checkpointer(stage_dir, read_only=True)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
+def train_stage(name: str, workdir: str, bindings: Sequence[str], steps: int | None,
+                max_seconds: float | None = None) -> float:
+    """Trains one stage unless its final checkpoint exists, for at most ``max_seconds``
+    (`TrainConfig.max_seconds`); returns seconds spent."""
 
 
     gin.clear_config()
     extra = [f"TrainConfig.num_steps = {steps}"] if steps else []
+    if max_seconds is not None:
+        extra.append(f"TrainConfig.max_seconds = {max_seconds:.1f}")
     gin_utils.parse([f"demo/{name}.gin"], [*bindings, *extra], finalize=False)
     num_steps = TrainConfig().num_steps
     if os.path.isdir(workdir):
@@ -181,7 +222,8 @@ def train_stage(name: str, workdir: str, bindings: Sequence[str], steps: int | N
             _log(f"stage {name}: checkpoint at step {done} found in {workdir}, not retraining")
             gin.clear_config()
             return 0.0
-    _log(f"stage {name}: training {num_steps} steps in {workdir}")
+    limit = "" if max_seconds is None else f" or {max_seconds:.0f} s, whichever comes first"
+    _log(f"stage {name}: training {num_steps} steps{limit} in {workdir}")
     t0 = time.perf_counter()
     train(workdir)
     seconds = time.perf_counter() - t0
@@ -202,7 +244,8 @@ def score_stages(images: Sequence[Any], prompts: Sequence[str],
 
 def report_page(result: Any, names: Sequence[str], summaries: list[dict],
                 per_image: list[list], timings: dict[str, float], sr_from_truth: list[dict],
-                truth_resolution: int, preset: str = "single", origin: str = FRESH) -> Page:
+                truth_resolution: int, preset: str = "single", origin: str = FRESH,
+                steps: Sequence[int | None] | None = None) -> Page:
     """``index.html``: per prompt every stage's image (embedded), its exact-match mark per stage
     and the attributes the final stage got wrong; the score summaries above."""
     rows = []
@@ -221,7 +264,8 @@ def report_page(result: Any, names: Sequence[str], summaries: list[dict],
         "preset": preset,
         "origin": origin,
         "names": list(names),
-        "summaries": list(zip(names, summaries)),
+        "summaries": list(zip(names, summaries,
+                              steps if steps is not None else [None] * len(names))),
         "sr_from_truth": list(zip(names[1:], sr_from_truth)),
         "truth_resolution": truth_resolution,
         "timings": json.dumps({k: round(v, 1) for k, v in timings.items()}),
@@ -232,15 +276,18 @@ def report_page(result: Any, names: Sequence[str], summaries: list[dict],
 def write_report(out: str, result: Any, names: Sequence[str], summaries: list[dict],
                  per_image: list[list], timings: dict[str, float],
                  sr_from_truth: list[dict], truth_resolution: int,
-                 preset: str = "single", origin: str = FRESH) -> dict[str, str]:
+                 preset: str = "single", origin: str = FRESH,
+                 steps: Sequence[int | None] | None = None) -> dict[str, str]:
     """grid.png (final images), index.html (prompt | stage images | score), results.json;
-    returns {file name: path}."""
-    results = {"preset": preset, "origin": origin, "stages": list(names), "scores": summaries,
+    ``steps``: each stage's training steps. Returns {file name: path}."""
+    steps = list(steps) if steps is not None else [None] * len(names)
+    results = {"preset": preset, "origin": origin, "stages": list(names), "steps": steps,
+               "scores": summaries,
                "timings": timings,
                "sr_from_ground_truth": sr_from_truth, "prompts": result.prompts,
                "exact": [[r.exact for r in stage] for stage in per_image]}
     page = report_page(result, names, summaries, per_image, timings, sr_from_truth,
-                       truth_resolution, preset, origin)
+                       truth_resolution, preset, origin, steps)
     return write_samples(out, {"grid.png": image_grid(result.final)}, manifest=results,
                          manifest_file="results.json", pages={"index.html": page})
 
@@ -272,11 +319,12 @@ def evaluate_cascade(out: str, stage_dirs: Sequence[str], t5_dir: str, *, num_pr
 
     summaries, per_image = score_stages(result.images, result.prompts, preset)
     names = [f"{s.name} {s.resolution}px" for s in cascade.stages]
+    steps = [stage_step(d) for d in stage_dirs]
     write_report(out, result, names, summaries, per_image, timings, sr_from_truth,
-                 base_resolution, preset, origin)
+                 base_resolution, preset, origin, steps)
     _log("prompt adherence on heldout prompts (exact match = every attribute right):")
-    for name, s in zip(names, summaries):
-        _log(f"  {name:>12}: exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
+    for name, s, n in zip(names, summaries, steps):
+        _log(f"  {name:>12} ({n} steps): exact {s['exact_match']:.1%}  colour {s['colour']:.1%}  "
              f"shape {s['shape']:.1%}  size {s['size']:.1%}  position {s['position']:.1%}  "
              f"relation {s['relation']:.1%}")
     if sr_from_truth:
@@ -342,13 +390,14 @@ def export_cascade(out: str, dest: str, command: str = "") -> int:
 def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_512: int = 2000,
         steps: Sequence[int] | None = None, bindings: Sequence[str] = (), seed: int = 0,
         retrain: bool = False, progress: bool = True, preset: str = "single",
-        pretrained: str | None = None) -> dict[str, Any]:
+        pretrained: str | None = None, budget_s: float | None = None) -> dict[str, Any]:
     """The whole demo; returns {'scores': per-stage summaries, 'sr_from_ground_truth': summaries
     of the SR stages fed the ground truth, 'timings': seconds, 'result': the CascadeOutput,
     'pretrained': the same dict for the pretrained cascade (None if not sampled)}.
 
     ``pretrained``: a pretrained demo cascade (`export_cascade`'s layout) sampled and scored
     first, into ``<out>/pretrained/``; the single preset only (it was trained on those scenes).
+    ``budget_s``: the run's wall-clock budget in seconds (module docstring); None: no limit.
     """
 
     t_start = time.perf_counter()
@@ -397,11 +446,22 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
     timings["text_s"] = time.perf_counter() - t0
     _log(f"random T5 + embedding caches ready ({timings['text_s']:.0f}s)")
 
+    reserve = 0.0
+    if budget_s is not None:
+        reserve = (EVAL_RESERVE_FACTOR * timings["pretrained_s"] if "pretrained_s" in timings
+                   else EVAL_RESERVE_FRACTION * budget_s)
+        left = budget_s - (time.perf_counter() - t_start) - reserve
+        _log(f"budget {budget_s:.0f}s: {left:.0f}s left to train, {reserve:.0f}s kept for "
+             "sampling and scoring")
     for i, (name, workdir) in enumerate(zip(STAGES, stage_dirs)):
         stage_gin = [*stage_bindings(name, out, cache_dirs, t5_dir, fingerprint, sizes, preset),
                      *bindings]
+        max_seconds = None
+        if budget_s is not None:
+            left = budget_s - (time.perf_counter() - t_start) - reserve
+            max_seconds = training_seconds(name, left, STAGES[:i])
         timings[f"train_{name}_s"] = train_stage(
-            name, workdir, stage_gin, None if steps is None else int(steps[i]))
+            name, workdir, stage_gin, None if steps is None else int(steps[i]), max_seconds)
 
     _log(f"the cascade trained in {out}/stages:")
     done = evaluate_cascade(out, stage_dirs, t5_dir, num_prompts=num_prompts, seed=seed,
@@ -424,7 +484,7 @@ def main(argv: list[str]) -> None:
     run(out, num_prompts=FLAGS.num_prompts, num_train=FLAGS.num_train,
         num_train_512=FLAGS.num_train_512, steps=FLAGS.steps,
         bindings=sf.GIN_BINDINGS, seed=FLAGS.seed, retrain=FLAGS.retrain, preset=FLAGS.preset,
-        pretrained=pretrained or None)
+        pretrained=pretrained or None, budget_s=FLAGS.budget_s)
     if FLAGS.export_to:
         command = " ".join(["python -m launch.demo", *sys.argv[1:]])
         export_cascade(out, FLAGS.export_to, command=command)

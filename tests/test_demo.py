@@ -63,8 +63,13 @@ def test_miniature_demo_trains_samples_scores_and_reuses_checkpoints(tmp_path):
     provenance = json.loads((dest / "PROVENANCE.json").read_text())
     assert provenance["steps"] == {n: 2 for n in demo.STAGES}
     assert provenance["results"]["prompts"] == results["prompts"]
-    third = demo.run(str(out), num_prompts=4, num_train=32, num_train_512=8, steps=(2, 2, 2),
-                     bindings=TINY, progress=False, pretrained=str(dest))
+    # With a spent budget (--budget_s=0) each unfinished stage still trains one step (here from
+    # its step-2 checkpoint towards 4) and saves it; the report names the steps reached.
+    third = demo.run(str(out), num_prompts=4, num_train=32, num_train_512=8, steps=(4, 4, 4),
+                     bindings=TINY, progress=False, pretrained=str(dest), budget_s=0)
+    assert json.loads((out / "results.json").read_text())["steps"] == [3, 3, 3]
+    assert "(3 training steps)" in (out / "index.html").read_text()
+    assert "(2 training steps)" in (out / "pretrained" / "index.html").read_text()
     assert "pretrained by this trainer" in (out / "pretrained" / "index.html").read_text()
     assert "trained from nothing by launch.demo" in (out / "index.html").read_text()
     assert third["pretrained"]["scores"][0]["num_images"] == 4
@@ -74,3 +79,14 @@ def test_miniature_demo_trains_samples_scores_and_reuses_checkpoints(tmp_path):
     with pytest.raises(CascadeError, match="lacks base/; pass --pretrained=''"):
         demo.run(str(out), num_prompts=4, steps=(2, 2, 2), bindings=TINY, progress=False,
                  pretrained=str(tmp_path))
+
+
+def test_budget_shares_what_is_left_among_the_stages_still_to_train():
+    left = 1000.0
+    shares = demo.BUDGET_SHARES
+    assert demo.training_seconds("base", left) == pytest.approx(left * shares["base"])
+    # A stage that finished early left its time: the rest is split among those still to train.
+    assert demo.training_seconds("sr128", left, ("base",)) == pytest.approx(
+        left * shares["sr128"] / (shares["sr128"] + shares["sr512"]))
+    assert demo.training_seconds("sr512", left, ("base", "sr128")) == pytest.approx(left)
+    assert demo.training_seconds("sr512", -5.0, ("base", "sr128")) == 0.0

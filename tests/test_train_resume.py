@@ -112,13 +112,29 @@ def test_sigterm_saves_a_checkpoint_at_that_step(tmp_path, cache_env):
     assert int(np.asarray(saved_state(workdir, 12)["step"])) == 12
 
 
+def test_max_seconds_stops_with_a_checkpoint_and_a_rerun_resumes(tmp_path, cache_env):
+    # A spent budget still trains one step, saves it, and the next call carries on.
+    workdir = str(tmp_path)
+    proc = run_train(cache_env(), workdir, *STEPS, "--gin.TrainConfig.max_seconds=0")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "max_seconds=0 spent: stopping at step 1 of 20" in proc.stderr
+    assert steps_of(workdir) == [1]
+    proc = run_train(cache_env(), workdir, *STEPS, "--gin.TrainConfig.max_seconds=1e6")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert max(steps_of(workdir)) == 20
+    assert int(np.asarray(saved_state(workdir, 20)["step"])) == 20
+
+
 def test_two_process_training_restores_in_one_process(tmp_path, cache_env):
     workdir = str(tmp_path / "mh")
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     procs = [
-        run_train(cache_env(2), workdir, "--gin.TrainConfig.num_steps=5",
+        # max_seconds=0: process 0's clock stops both at the first step they both check
+        # (log_every=5), else they would deadlock in the save.
+        run_train(cache_env(2), workdir, "--gin.TrainConfig.num_steps=20",
+                  "--gin.TrainConfig.max_seconds=0",
                   "--gin.CheckpointConfig.save_every=5", f"--coordinator_address=localhost:{port}",
                   "--num_processes=2", f"--process_id={i}", wait=False)
         for i in range(2)

@@ -24,7 +24,12 @@ compiled programs), `loading` (checkpoints -> stages), `export` (small shippable
 `params`, `progress`.
 """
 
-from imagen_jax.cascade.export import export_stage, is_exported_stage, load_exported_stage
+from imagen_jax.cascade.export import (
+    export_stage,
+    is_exported_stage,
+    load_exported_stage,
+    read_export_record,
+)
 from imagen_jax.cascade.loading import (
     IF_PREFIX,
     SAMPLING_FIELDS,
@@ -61,6 +66,7 @@ __all__ = [
     "load_stage",
     "param_shardings",
     "random_params",
+    "read_export_record",
     "sample_cascade",
     "sample_stage",
     "to_uint8",

@@ -73,12 +73,10 @@ def export_stage(stage: Stage, params: PyTree, out_dir: str, *, step: int,
     return sum(os.path.getsize(os.path.join(out_dir, n)) for n in (PARAMS_FILE, STAGE_FILE))
 
 
-def load_exported_stage(path: str, *, mesh: Mesh, rules: partitioning.LogicalRules,
-                        name: str | None = None) -> tuple[Stage, PyTree]:
-    """(Stage, float32 parameters sharded on ``mesh``) from an `export_stage` directory.
+def read_export_record(path: str) -> dict[str, Any]:
+    """The ``stage.json`` of an `export_stage` directory: {format, stage, step, dtype}.
 
-    Raises CheckpointError (one line) for a missing or unreadable file, another format, or a
-    parameter that is missing, extra or of the wrong shape for the recorded stage's model.
+    Raises CheckpointError (one line) if it is missing, unreadable or of another format.
     """
     stage_file = os.path.join(path, STAGE_FILE)
     try:
@@ -90,6 +88,18 @@ def load_exported_stage(path: str, *, mesh: Mesh, rules: partitioning.LogicalRul
         got = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise CheckpointError(f"{stage_file}: format {got!r}, expected {EXPORT_FORMAT!r}; "
                               "write it with imagen_jax.cascade.export_stage")
+    return record
+
+
+def load_exported_stage(path: str, *, mesh: Mesh, rules: partitioning.LogicalRules,
+                        name: str | None = None) -> tuple[Stage, PyTree]:
+    """(Stage, float32 parameters sharded on ``mesh``) from an `export_stage` directory.
+
+    Raises CheckpointError (one line) for a missing or unreadable file, another format, or a
+    parameter that is missing, extra or of the wrong shape for the recorded stage's model.
+    """
+    record = read_export_record(path)
+    stage_file = os.path.join(path, STAGE_FILE)
     stage = Stage.from_dict(record["stage"], where=stage_file).replace(
         name=name or os.path.basename(os.path.normpath(path)))
     params_file = os.path.join(path, PARAMS_FILE)

@@ -76,6 +76,12 @@ class TrainConfig:
       max_bad_steps: stop after this many consecutive non-finite steps.
       peak_flops_per_device: for MFU in the metrics (e.g. 989e12 for an H100 in bf16); None: no MFU.
       progress_bar: show a tqdm bar on process 0.
+      max_seconds: wall-clock budget of one `train` call, in seconds from its start (set-up,
+        restore and compilation included): once it is spent the loop stops after the current
+        step and saves a checkpoint there, as on SIGTERM, so a later call resumes (with its own
+        budget). At least one step is always trained. Multi-host: process 0's clock decides, at
+        every ``log_every``-th step, so all hosts stop at the same step. None: no limit. Used by
+        `make demo` to fit its fresh cascade into a fixed wall time.
       init_from: where a new run's parameters (and EMA) start instead of a random init:
         ``"if:PATH"``, a DeepFloyd IF U-Net in diffusers' layout (PATH: its ``unet/`` directory
         or the model directory holding one), whose config.json must describe ``Stage.model``
@@ -93,11 +99,15 @@ class TrainConfig:
     peak_flops_per_device: float | None = None
     progress_bar: bool = True
     init_from: str | None = None
+    max_seconds: float | None = None
 
     def __post_init__(self):
         for name in ("batch_size", "num_steps", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.max_seconds is not None and not self.max_seconds >= 0:
+            raise ConfigError(f"TrainConfig.max_seconds={self.max_seconds} must be >= 0 seconds "
+                              "(or None for no time limit)")
         if self.init_from is not None and not self.init_from.startswith(IF_PREFIX):
             raise ConfigError(f"TrainConfig.init_from={self.init_from!r}: expected "
                               f"'{IF_PREFIX}PATH' (a diffusers DeepFloyd IF U-Net) or None")
@@ -241,6 +251,24 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _Deadline:
+    """`TrainConfig.max_seconds` as a flag the loop polls (see there)."""
+
+    def __init__(self, max_seconds: float | None, every: int):
+        self.start, self.max_seconds, self.every = time.perf_counter(), max_seconds, every
+
+    def reached(self, step: int) -> bool:
+        if self.max_seconds is None:
+            return False
+        over = time.perf_counter() - self.start >= self.max_seconds
+        if jax.process_count() > 1:
+            # Clocks differ between hosts: process 0's verdict, at steps every host checks.
+            if step % self.every:
+                return False
+            return bool(multihost_utils.broadcast_one_to_all(np.int32(over)))
+        return over
+
+
 def check_batch_divides_mesh(batch_size: int, num_micro: int, mesh: Mesh) -> None:
     data_shards = math.prod(
         mesh.shape[a] for a in partitioning.BATCH_AXES if a in mesh.axis_names
@@ -335,6 +363,7 @@ def train(
       step_callback: called after every step with (step, state, metrics) (tests, profiling).
     """
     config = config or TrainConfig()
+    deadline = _Deadline(config.max_seconds, config.log_every)
     step_config = step_config or StepConfig()
     checkpoint_config = checkpoint_config or CheckpointConfig()
     is_main = jax.process_index() == 0
@@ -494,6 +523,10 @@ def train(
                 log.warning("SIGTERM: saving step %d and exiting", step)
                 if ckpt.latest_step() != step:
                     ckpt.save(step, state, data_iter, meta(), force=True)
+                break
+            if step < config.num_steps and deadline.reached(step):
+                log.warning("TrainConfig.max_seconds=%s spent: stopping at step %d of %d",
+                            config.max_seconds, step, config.num_steps)
                 break
         if pending is not None:
             _check_bad_steps(pending, config.max_bad_steps, step, ckpt)
