@@ -246,17 +246,17 @@ def report_page(result: Any, names: Sequence[str], summaries: list[dict],
                 per_image: list[list], timings: dict[str, float], sr_from_truth: list[dict],
                 truth_resolution: int, preset: str = "single", origin: str = FRESH,
                 steps: Sequence[int | None] | None = None) -> Page:
-    """``index.html``: per prompt every stage's image (embedded), its exact-match mark per stage
-    and the attributes the final stage got wrong; the score summaries above."""
+    """``index.html``: per prompt every stage's image (embedded) and its verdict per stage
+    (exact match, else the attributes it got wrong); the score summaries above."""
     rows = []
     for i, prompt in enumerate(result.prompts):
-        checks = per_image[-1][i].checks
+        verdicts = [(r.exact, [a for a, v in r.checks.items() if v and not all(v)])
+                    for r in (per_image[s][i] for s in range(len(names)))]
         rows.append({
             "prompt": prompt,
             "cells": [{"src": image_data_uri(stage[i], THUMB_PX), "title": names[s]}
                       for s, stage in enumerate(result.images)],
-            "exact": [per_image[s][i].exact for s in range(len(names))],
-            "failed": [a for a, v in checks.items() if v and not all(v)],
+            "verdicts": verdicts,
         })
     return Page("demo.html.j2", {
         "title": "imagen-jax demo",

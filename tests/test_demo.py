@@ -12,6 +12,13 @@ import pytest
 
 from imagen_jax.errors import CascadeError
 from launch import demo
+from tests.support_eval import chromium_probe
+
+# The text of each result row's cells, as Chromium rendered them.
+ROWS_JS = """function probeExtra() {
+  return Array.from(document.querySelectorAll('table tr')).slice(1).map(
+    r => Array.from(r.cells).map(c => c.textContent.trim()));
+}"""
 
 # Smaller U-Nets than the demo's: this test checks the plumbing, compile time dominates.
 TINY = [
@@ -43,6 +50,17 @@ def test_miniature_demo_trains_samples_scores_and_reuses_checkpoints(tmp_path):
     assert "ground-truth 32px" in html
     assert [x.shape for x in first["result"].images] == [(4, 32, 32, 3), (4, 128, 128, 3),
                                                          (4, 512, 512, 3)]
+    # The page in headless Chromium: every stage's image of every prompt decodes, and each row
+    # shows the prompt and each stage's verdict (the attributes it got wrong) from the scorer.
+    shown = chromium_probe(str(out / "index.html"), tmp_path, ROWS_JS)
+    assert shown["total"] == shown["loaded"] == 4 * 3
+    for i, cells in enumerate(shown["extra"]):
+        assert cells[0] == results["prompts"][i]
+        verdicts = cells[4:]
+        assert len(verdicts) == 3
+        for stage, verdict in enumerate(verdicts):
+            assert verdict.startswith("\u2713" if results["exact"][stage][i] else "\u2717")
+    assert any(len(v) > 2 for cells in shown["extra"] for v in cells[4:])  # wrong attributes named
     assert all(first["timings"][f"train_{n}_s"] > 0 for n in demo.STAGES)
     for n in demo.STAGES:
         assert os.path.isdir(out / "stages" / n / "checkpoints")

@@ -31,7 +31,7 @@ def test_writes_images_pages_and_manifest(tmp_path):
             "summaries": [], "sr_from_truth": [], "truth_resolution": 4, "timings": "{}",
             "rows": [{"prompt": prompt, "cells": [{"src": samples.image_data_uri(_image(10), 8),
                                                    "title": "base 4px"}],
-                      "exact": [False], "failed": ["colour"]}]})},
+                      "verdicts": [(False, ["colour"])]}]})},
     )
     assert list(written) == ["images/000_0.png", "grid.png", "index.html", "run.json"]
     assert np.asarray(Image.open(out / "images" / "000_0.png")).tolist() == _image(10).tolist()
