@@ -215,9 +215,7 @@ def train_stage(name: str, workdir: str, bindings: Sequence[str], steps: int | N
     gin_utils.parse([f"demo/{name}.gin"], [*bindings, *extra], finalize=False)
     num_steps = TrainConfig().num_steps
     if os.path.isdir(workdir):
-        ckpt = Checkpointer(workdir, read_only=True)
-        done = ckpt.latest_step()
-        ckpt.close()
+        done = stage_step(workdir)
         if done is not None and done >= num_steps:
             _log(f"stage {name}: checkpoint at step {done} found in {workdir}, not retraining")
             gin.clear_config()
@@ -244,8 +242,8 @@ def score_stages(images: Sequence[Any], prompts: Sequence[str],
 
 def report_page(result: Any, names: Sequence[str], summaries: list[dict],
                 per_image: list[list], timings: dict[str, float], sr_from_truth: list[dict],
-                truth_resolution: int, preset: str = "single", origin: str = FRESH,
-                steps: Sequence[int | None] | None = None) -> Page:
+                truth_resolution: int, preset: str, origin: str,
+                steps: Sequence[int | None]) -> Page:
     """``index.html``: per prompt every stage's image (embedded) and its verdict per stage
     (exact match, else the attributes it got wrong); the score summaries above."""
     rows = []
@@ -264,8 +262,7 @@ def report_page(result: Any, names: Sequence[str], summaries: list[dict],
         "preset": preset,
         "origin": origin,
         "names": list(names),
-        "summaries": list(zip(names, summaries,
-                              steps if steps is not None else [None] * len(names))),
+        "summaries": list(zip(names, summaries, steps)),
         "sr_from_truth": list(zip(names[1:], sr_from_truth)),
         "truth_resolution": truth_resolution,
         "timings": json.dumps({k: round(v, 1) for k, v in timings.items()}),
@@ -360,9 +357,7 @@ def export_cascade(out: str, dest: str, command: str = "") -> int:
     for name in STAGES:
         workdir = os.path.join(out, "stages", name)
         # The step is read once and loaded explicitly, so the record names what was exported.
-        ckpt = Checkpointer(workdir, read_only=True)
-        steps[name] = ckpt.latest_step()
-        ckpt.close()
+        steps[name] = stage_step(workdir)
         stage, params = cascade_lib.load_stage(workdir, mesh=mesh, rules=rules, step=steps[name])
         total += cascade_lib.export_stage(stage, params, os.path.join(dest, name),
                                           step=steps[name])
@@ -447,19 +442,21 @@ def run(out: str, *, num_prompts: int = 64, num_train: int = 20000, num_train_51
     _log(f"random T5 + embedding caches ready ({timings['text_s']:.0f}s)")
 
     reserve = 0.0
+
+    def seconds_left() -> float:  # training time still available under the budget
+        return budget_s - (time.perf_counter() - t_start) - reserve
+
     if budget_s is not None:
         reserve = (EVAL_RESERVE_FACTOR * timings["pretrained_s"] if "pretrained_s" in timings
                    else EVAL_RESERVE_FRACTION * budget_s)
-        left = budget_s - (time.perf_counter() - t_start) - reserve
-        _log(f"budget {budget_s:.0f}s: {left:.0f}s left to train, {reserve:.0f}s kept for "
-             "sampling and scoring")
+        _log(f"budget {budget_s:.0f}s: {seconds_left():.0f}s left to train, {reserve:.0f}s kept "
+             "for sampling and scoring")
     for i, (name, workdir) in enumerate(zip(STAGES, stage_dirs)):
         stage_gin = [*stage_bindings(name, out, cache_dirs, t5_dir, fingerprint, sizes, preset),
                      *bindings]
         max_seconds = None
         if budget_s is not None:
-            left = budget_s - (time.perf_counter() - t_start) - reserve
-            max_seconds = training_seconds(name, left, STAGES[:i])
+            max_seconds = training_seconds(name, seconds_left(), STAGES[:i])
         timings[f"train_{name}_s"] = train_stage(
             name, workdir, stage_gin, None if steps is None else int(steps[i]), max_seconds)
 
